@@ -1,0 +1,254 @@
+"""The GAN training loop: k discriminator steps per generator step, periodic evaluation.
+
+``train(config, on_eval)`` knows nothing of Optuna or MLflow: callers observe and stop a
+run through the ``on_eval(step, metrics) -> bool | None`` callback (True = stop now).
+A diverging GAN is a result (``status="diverged"``), not an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ganbench import metrics as M
+from ganbench.errors import GanbenchError, lookup
+from ganbench.losses import LOSSES, get_loss
+from ganbench.models import ACTIVATIONS, Discriminator, Generator
+from ganbench.targets import Target, get_target
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Field names are the knob names everywhere
+    (study YAML, Optuna parameters, MLflow params, report columns)."""
+
+    target: str = "ring"                      # registry name in ganbench.targets
+    target_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"modes": 8}
+    loss: str = "nonsaturating"               # registry name in ganbench.losses
+    noise_dim: int = 2                        # dimension of G's input noise
+    hidden: int | list[int] = 128             # width of G and D (int) or per-layer widths
+    depth: int = 2                            # hidden layers when a width is an int
+    g_hidden: int | list[int] | None = None   # overrides `hidden` for G
+    d_hidden: int | list[int] | None = None   # overrides `hidden` for D
+    activation: str = "relu"                  # hidden activation of both networks
+    spectral_norm: bool = False               # spectral norm on every layer of D
+    pack: int = 1                             # PacGAN packing: samples per D input
+    optimizer: str = "adam"                   # adam | rmsprop | sgd (momentum)
+    lr_g: float = 1e-3                        # generator learning rate
+    lr_d: float = 1e-3                        # discriminator learning rate
+    beta1: float = 0.5                        # Adam β1 (DCGAN's 0.5)
+    beta2: float = 0.999                      # Adam β2
+    momentum: float = 0.9                     # SGD momentum
+    d_steps: int = 1                          # D steps per G step
+    batch_size: int = 256                     # samples per step (for G and for D)
+    steps: int = 2000                         # generator steps
+    eval_every: int = 250                     # generator steps between evaluations
+    eval_samples: int = 2500                  # PacGAN protocol: 2500 samples per evaluation
+    eval_seed: int = 1234                     # fixes the evaluation sample across trials
+    seed: int = 0                             # model init, data and noise
+    device: str = "auto"                      # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"                    # float32 | float64
+
+    def widths(self, which: str) -> list[int]:
+        """Hidden widths of ``which`` ("g" or "d")."""
+        h = (self.g_hidden if which == "g" else self.d_hidden)
+        h = self.hidden if h is None else h
+        return [int(h)] * self.depth if isinstance(h, int) else [int(w) for w in h]
+
+    def validate(self) -> "TrainConfig":
+        """Raise GanbenchError naming the first invalid field; return self."""
+        lookup(LOSSES, self.loss, "loss")
+        lookup(ACTIVATIONS, self.activation, "activation")
+        lookup({o: o for o in OPTIMIZERS}, self.optimizer, "optimizer")
+        lookup(DTYPES, self.dtype, "dtype")
+        for name in ("noise_dim", "depth", "pack", "d_steps", "batch_size", "steps",
+                     "eval_every", "eval_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise GanbenchError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr_g", "lr_d"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise GanbenchError(f"{name} must be a positive number, got {value!r}")
+        for name in ("beta1", "beta2", "momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise GanbenchError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for which in ("g", "d"):
+            if any(w <= 0 for w in self.widths(which)):
+                raise GanbenchError(f"hidden widths must be positive, got {self.widths(which)}")
+        if self.batch_size % self.pack:
+            raise GanbenchError(f"batch_size ({self.batch_size}) must be divisible by pack "
+                                f"({self.pack})")
+        if self.eval_samples % self.pack:
+            raise GanbenchError(f"eval_samples ({self.eval_samples}) must be divisible by pack")
+        resolve_device(self.device)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """The outcome of one run. ``status``: completed | diverged | stopped (by on_eval)."""
+
+    config: TrainConfig
+    status: str
+    steps: int                                # generator steps done
+    metrics: dict[str, float]                 # last evaluation (final: with exact w1)
+    history: list[dict[str, float]]           # one row per evaluation, with "step" and losses
+    samples: torch.Tensor                     # last evaluation's generated samples (CPU)
+    reference: torch.Tensor                   # the fixed target evaluation sample (CPU)
+    reason: str = ""                          # e.g. "diverged at step 812"
+    seconds: float = 0.0                      # wall time of the run
+    eval_seconds: float = 0.0                 # part of it spent in metrics
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready final metrics with status and steps."""
+        out: dict[str, Any] = {k: float(v) for k, v in self.metrics.items()}
+        if "modes" in out:
+            out["modes"] = int(out["modes"])
+        return out | {"status": self.status, "steps": self.steps, "reason": self.reason}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → CUDA when present, else CPU; a named device must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GanbenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise GanbenchError(f"device {device!r} is not available on this machine")
+    return dev
+
+
+def build_models(config: TrainConfig, target: Target) -> tuple[Generator, Discriminator]:
+    """Generator and discriminator for ``config``, initialised from ``config.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        g = Generator(config.noise_dim, config.widths("g"), target.dim, config.activation)
+        d = Discriminator(target.dim, config.widths("d"), config.activation,
+                          config.spectral_norm, config.pack)
+    return g, d
+
+
+def make_optimizer(config: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
+    """Adam (β1, β2), RMSprop (as the original WGAN) or SGD with momentum (as the original GAN)."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(config.beta1, config.beta2))
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum)
+
+
+OnEval = Callable[[int, dict[str, float]], "bool | None"]
+OnStep = Callable[[int, float, float], None]
+STEP_REPORT_EVERY = 10  # on_step cadence: live losses for progress bars, cheap enough
+
+
+def train(
+    config: TrainConfig, on_eval: OnEval | None = None, on_step: OnStep | None = None,
+) -> TrainResult:
+    """Train a GAN on ``config``; call ``on_eval(step, metrics)`` after every evaluation
+    and ``on_step(step, d_loss, g_loss)`` every few steps (for progress display).
+
+    Deterministic on CPU for a given config (same seed → identical metrics).
+    """
+    config.validate()
+    start = time.perf_counter()
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    target = get_target(config.target, **config.target_params)
+    loss = get_loss(config.loss)
+    g, d = build_models(config, target)
+    g.to(device, dtype)
+    d.to(device, dtype)
+    opt_g = make_optimizer(config, g.parameters(), config.lr_g)
+    opt_d = make_optimizer(config, d.parameters(), config.lr_d)
+    rng = torch.Generator(device).manual_seed(config.seed)
+
+    # The fixed evaluation sample: the same target points and noise for every trial.
+    eval_gen = torch.Generator().manual_seed(config.eval_seed)
+    reference = target.sample(config.eval_samples, eval_gen).to(torch.float64)
+    z_eval = torch.randn(config.eval_samples, config.noise_dim, generator=eval_gen)
+    z_eval = z_eval.to(device, dtype)
+
+    def noise(n: int) -> torch.Tensor:
+        return torch.randn(n, config.noise_dim, generator=rng, device=device, dtype=dtype)
+
+    def evaluate(exact: bool) -> tuple[dict[str, float], torch.Tensor]:
+        with torch.no_grad():
+            samples = g(z_eval).to("cpu", torch.float64)
+        proj_gen = torch.Generator().manual_seed(config.eval_seed)
+        return M.evaluate(samples, reference, target.centers, target.std, target.weights,
+                          exact=exact, generator=proj_gen), samples
+
+    history: list[dict[str, float]] = []
+    status, reason, step, eval_seconds = "completed", "", 0, 0.0
+    last: dict[str, float] = {}
+    samples = torch.empty(0, target.dim)
+    d_sum = g_sum = torch.zeros((), device=device, dtype=dtype)
+    n_since = 0
+    B = config.batch_size
+    for step in range(1, config.steps + 1):
+        # Discriminator: d_steps updates on fresh real and generated batches.
+        for _ in range(config.d_steps):
+            real = target.sample(B, rng).to(dtype)
+            with torch.no_grad():
+                fake = g(noise(B))
+            d_loss = loss.d(d(real), d(fake))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        # Generator: one update through the current discriminator.
+        g_loss = loss.g(d(g(noise(B))))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+
+        # Divergence: a non-finite loss stops the run with the step it happened at.
+        d_sum, g_sum, n_since = d_sum + d_loss.detach(), g_sum + g_loss.detach(), n_since + 1
+        if not bool(torch.isfinite(d_loss + g_loss)):
+            status, reason = "diverged", f"diverged at step {step} (non-finite loss)"
+            break
+        if on_step is not None and step % STEP_REPORT_EVERY == 0:
+            on_step(step, float(d_loss), float(g_loss))
+
+        # Evaluation on the fixed sample; the callback may stop the run (pruning).
+        final = step == config.steps
+        if step % config.eval_every == 0 or final:
+            if not all(bool(torch.isfinite(p).all()) for p in (*g.parameters(),
+                                                              *d.parameters())):
+                status, reason = "diverged", f"diverged at step {step} (non-finite weights)"
+                break
+            t0 = time.perf_counter()
+            last, samples = evaluate(exact=final)
+            eval_seconds += time.perf_counter() - t0
+            row = {"step": step, "d_loss": float(d_sum) / n_since,
+                   "g_loss": float(g_sum) / n_since} | last
+            d_sum = g_sum = torch.zeros((), device=device, dtype=dtype)
+            n_since = 0
+            history.append(row)
+            if on_eval is not None and on_eval(step, row) and not final:
+                status, reason = "stopped", f"stopped at step {step}"
+                break
+
+    if status == "diverged":
+        last = {"w1": math.inf, "sliced_w1": math.inf}
+        if target.centers is not None:
+            last |= {"modes": 0, "hq": 0.0, "kl": math.inf}
+    return TrainResult(
+        config=config, status=status, steps=step, metrics=last, history=history,
+        samples=samples, reference=reference.float(), reason=reason,
+        seconds=time.perf_counter() - start, eval_seconds=eval_seconds,
+    )

@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import cli_env
+
+
+def ganbench(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_writes_metrics_and_scatter(tmp_path):
+    out = tmp_path / "demo"
+    proc = ganbench("train", "--target", "grid", "--steps", "40", "--eval-every", "20",
+                    "--hidden", "32,16", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "metrics.json").read_text())
+    assert {"w1", "sliced_w1", "modes", "hq", "kl", "status", "steps"} <= set(data)
+    assert data["status"] == "completed" and data["steps"] == 40
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert "final metrics" in proc.stdout and "modes" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--target", "moon"], "unknown target 'moon'; choose one of: grid, mog, ring"),
+    (["--loss", "bce"], "unknown loss 'bce'; choose one of: hinge, lsgan, minimax"),
+    (["--activation", "swish"], "unknown activation 'swish'"),
+    (["--steps", "0"], "steps must be a positive integer"),
+    (["--lr-g", "-1"], "lr_g must be a positive number"),
+    (["--hidden", "wide"], "--hidden: expected an int"),
+    (["-p", "modes=-3"], "modes must be > 0"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle):
+    proc = ganbench("train", *args, "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and needle in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = ganbench("--debug", "train", "--target", "moon", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_help_lists_commands(tmp_path):
+    proc = ganbench("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "train" in proc.stdout
