@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,7 @@ app = typer.Typer(
     help="Hyperparameter sweeps and benchmarks for GANs on synthetic targets.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 @app.callback()
@@ -112,6 +113,184 @@ def train_cmd(
     save_samples_png(out / "samples.png", result.samples.numpy(), result.reference.numpy(),
                      centers, f"{target} · {loss} · seed {seed} · {result.steps} steps")
     console.print(f"wrote {out / 'metrics.json'} and {out / 'samples.png'}")
+
+
+# ---------------------------------------------------------------- study commands
+SpecArg = typer.Argument(..., help="Study YAML, e.g. studies/mog.yaml.", show_default=False)
+SetOpt = typer.Option([], "--set", help="Override a field: dotted.key=value (YAML scalar). "
+                      "Repeatable.")
+TrialsOpt = typer.Option(None, "--trials", help="Total counted trials (spec: trials).")
+StorageOpt = typer.Option(None, "--storage", help="sqlite:///… or postgresql://… "
+                          "(default: journal file runs/<name>/optuna.log).")
+TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: "
+                           "sqlite:///mlflow.db).")
+
+
+def _load(spec_path: Path, sets: list[str], trials: int | None = None,
+          storage: str | None = None, tracking_uri: str | None = None,
+          workers: int | None = None):
+    """Load a spec with --set and the shortcut options applied, checked before anything runs."""
+    from ganbench.spec import load_spec
+    from ganbench.sweep import check_spec
+
+    overrides = list(sets)
+    for key, value in (("trials", trials), ("storage", storage), ("tracking.uri", tracking_uri),
+                       ("workers", workers)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    spec = load_spec(spec_path, overrides)
+    check_spec(spec, str(spec_path))
+    return spec
+
+
+def _objective_label(spec) -> str:
+    return ", ".join(f"{o.metric} {'↓' if o.direction == 'minimize' else '↑'}"
+                     for o in spec.objectives)
+
+
+def _print_leaderboard(spec, study, top: int = 10) -> None:
+    from ganbench.report import trials_frame, write_leaderboard
+
+    pareto = [t.number for t in study.best_trials] if spec.multi_objective and any(
+        t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else []
+    objectives = [(o.metric, o.direction) for o in spec.objectives]
+    frame = trials_frame(study.get_trials(deepcopy=False), objectives, pareto)
+    if frame.empty:
+        console.print("no finished trials yet")
+        return
+    out = Path("reports") / spec.name
+    files = write_leaderboard(frame, out)
+    shown = frame[frame["pareto"]] if pareto else frame[frame["state"] == "COMPLETE"].head(top)
+    title = ("Pareto front" if pareto else f"best trials") + f" ({_objective_label(spec)})"
+    table = Table(title=title)
+    cols = ["number"] + [f"objective_{m}" for m, _ in objectives] + list(spec.search) + [
+        c for c in ("w1", "modes", "hq", "kl") if c in frame and f"objective_{c}" not in frame]
+    cols = [c for c in dict.fromkeys(cols) if c in frame]
+    for c in cols:
+        table.add_column(c.removeprefix("objective_").replace("number", "#"), justify="right",
+                         no_wrap=True)
+    for row in shown[cols].itertuples(index=False):
+        table.add_row(*[_fmt(v) for v in row])
+    console.print(table)
+    console.print(f"wrote {files[0]} and {files[1]}")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def _status_line(spec, snap, by_worker: bool = True) -> str:
+    best = f"best {snap.best[0]:.4g}" if snap.best else "best –"
+    running = ", ".join(f"#{t.number}@{t.user_attrs.get('device', '?')}" for t in snap.running)
+    return f"{best}  running: {running or '–'}"
+
+
+@app.command("sweep")
+def sweep_cmd(
+    spec_path: Path = SpecArg, sets: list[str] = SetOpt, trials: Optional[int] = TrialsOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: "
+                                          "one per GPU, or one per CPU core)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices, "
+                                          "e.g. cuda:0,cuda:2 or cpu."),
+    storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
+) -> None:
+    """Search hyperparameters: run the study to its total of trials, then print the leaderboard.
+
+    Rerunning continues where it stopped; raising --trials tops up.
+    """
+    from ganbench import sweep
+
+    spec = _load(spec_path, sets, trials, storage, tracking_uri, workers)
+    device_list = sweep.default_devices(spec.workers, devices.split(",") if devices else None)
+    for d in set(device_list):
+        from ganbench.train import resolve_device
+
+        resolve_device(d)
+    tracking = _tracking(spec)
+    study = sweep.open_study(spec)
+    console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
+                  f"{spec.trials} trials · {len(device_list)} worker(s) on "
+                  f"{', '.join(sorted(set(device_list)))}")
+    with _progress() as progress:
+        task = progress.add_task("trials", total=spec.trials, info="")
+
+        def on_poll(snap) -> None:
+            progress.update(task, completed=min(snap.done, snap.total),
+                            info=_status_line(spec, snap))
+
+        try:
+            sweep.run_sweep(spec, device_list, tracking, on_poll)
+        except KeyboardInterrupt:
+            progress.stop()
+            _print_leaderboard(spec, study)
+            console.print("[yellow]interrupted: running trials were marked; rerun the same "
+                          "command to continue[/]")
+            raise
+        finally:
+            if tracking is not None:
+                tracking.finish(study)
+    _print_leaderboard(spec, study)
+
+
+def _tracking(spec):
+    """The MLflow tracker of a study (None when tracking is off)."""
+    return None
+
+
+@app.command("worker")
+def worker_cmd(
+    spec_path: Path = SpecArg, sets: list[str] = SetOpt, trials: Optional[int] = TrialsOpt,
+    device: str = typer.Option("auto", "--device", help="Device of this worker."),
+    storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
+) -> None:
+    """Join a study as one worker (e.g. from another machine, with a shared --storage)."""
+    import torch
+
+    from ganbench import sweep
+    from ganbench.train import resolve_device
+
+    spec = _load(spec_path, sets, trials, storage, tracking_uri)
+    dev = str(resolve_device(device))
+    if dev == "cpu":
+        torch.set_num_threads(1)
+    tracking = _tracking(spec)
+    study = sweep.open_study(spec)
+    sweep.recover_dead_workers(study)
+    deadline = time.time() + spec.timeout if spec.timeout else None
+    console.print(f"worker on {dev} joined study [bold]{spec.name}[/] "
+                  f"({'journal ' + str(sweep.run_dir(spec) / 'optuna.log') if spec.storage is None else 'RDB storage'})")
+
+    def on_trial(o) -> None:
+        vals = ", ".join(f"{v:.4g}" for v in o.values) if o.values else o.reason
+        console.print(f"trial {o.number}: {o.state.name} {vals}")
+
+    ran = sweep.worker_loop(spec, dev, spec.trials, deadline,
+                            tracking.attach_worker() if tracking else None, on_trial)
+    console.print(f"worker done: ran {ran} trial(s)")
+
+
+@app.command("status")
+def status_cmd(
+    spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
+) -> None:
+    """Counts of trials by state and the best trials, read from the storage."""
+    from ganbench import sweep
+
+    spec = _load(spec_path, sets, storage=storage)
+    study = sweep.open_study(spec, create=False)
+    trials = study.get_trials(deepcopy=False)
+    done, running = sweep.count_trials(trials)
+    table = Table(title=f"study {spec.name}: {done}/{spec.trials} counted trials")
+    table.add_column("state")
+    table.add_column("trials", justify="right")
+    for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
+        n = sum(1 for t in trials if t.state.name == state)
+        if n:
+            table.add_row(state, str(n))
+    console.print(table)
+    _print_leaderboard(spec, study)
 
 
 def _progress() -> Progress:

@@ -6,13 +6,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -98,3 +101,74 @@ def _save(fig: "plt.Figure", path: str | os.PathLike) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- trial tables
+METRIC_COLUMNS = ("w1", "sliced_w1", "modes", "hq", "kl")
+
+
+def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
+                 pareto: Sequence[int] = ()) -> "pd.DataFrame":
+    """One row per finished trial (COMPLETE, PRUNED, FAIL), best first.
+
+    ``trials`` are Optuna FrozenTrials; ``objectives`` are (metric, direction) pairs.
+    Columns: number, state, the objective values, params (by their trainer names), every
+    metric, the objective's spread over seeds, duration, failure reason, MLflow run id.
+    """
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        state = t.state.name
+        if state in ("RUNNING", "WAITING"):
+            continue
+        attrs = t.user_attrs
+        row: dict[str, Any] = {"number": t.number, "state": state}
+        for (metric, _), value in zip(objectives, t.values or [None] * len(objectives)):
+            row[f"objective_{metric}"] = value
+        row |= {k: (v if not isinstance(v, list) else str(v)) for k, v in t.params.items()}
+        metrics = attrs.get("metrics", {})
+        row |= {m: metrics.get(m) for m in METRIC_COLUMNS}
+        seed_metrics = attrs.get("seed_metrics")
+        if seed_metrics:
+            for metric, _ in objectives:
+                vals = np.array([s[metric] for s in seed_metrics], dtype=float)
+                row[f"{metric}_seed_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        if pareto:
+            row["pareto"] = t.number in pareto
+        row["duration_s"] = (t.duration.total_seconds() if t.duration else None)
+        row["reason"] = attrs.get("fail_reason", "")
+        row["mlflow_run_id"] = attrs.get("mlflow_run_id", "")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    metric, direction = objectives[0]
+    frame["_order"] = frame["state"].map({"COMPLETE": 0, "PRUNED": 1, "FAIL": 2})
+    frame = frame.sort_values(["_order", f"objective_{metric}", "number"],
+                              ascending=[True, direction == "minimize", True])
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def to_markdown(frame: "pd.DataFrame", floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured markdown table (no extra dependency)."""
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    sep = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def write_leaderboard(frame: "pd.DataFrame", out_dir: str | os.PathLike) -> list[Path]:
+    """reports/<name>/leaderboard.csv and .md, written atomically."""
+    out = Path(out_dir)
+    atomic_write_text(out / "leaderboard.csv", frame.to_csv(index=False))
+    atomic_write_text(out / "leaderboard.md", to_markdown(frame))
+    return [out / "leaderboard.csv", out / "leaderboard.md"]

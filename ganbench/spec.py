@@ -1,0 +1,306 @@
+"""The study YAML: pydantic models, loading with overrides, and one-line errors.
+
+``load_spec(path, overrides)`` returns a validated :class:`StudySpec` or raises
+:class:`SpecError` whose message reads ``<file>: <field.path>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from ganbench.errors import GanbenchError, SpecError
+from ganbench.targets import get_target
+from ganbench.train import TrainConfig
+
+# Which TrainConfig fields live in which YAML section (one name per knob everywhere).
+TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "eval_samples", "eval_seed", "optimizer",
+                "lr_g", "lr_d", "beta1", "beta2", "momentum", "d_steps", "device", "dtype")
+MODEL_FIELDS = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
+                "spectral_norm", "pack")
+SEARCHABLE = tuple(f for f in TRAIN_FIELDS + MODEL_FIELDS
+                   if f not in ("eval_every", "eval_samples", "eval_seed", "device", "dtype"))
+# Objective metrics and their natural direction.
+METRICS = {"w1": "minimize", "sliced_w1": "minimize", "modes": "maximize", "hq": "maximize",
+           "kl": "minimize"}
+MODE_METRICS = ("modes", "hq", "kl")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2", "qmc")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "patient")
+
+STORAGE_URL = re.compile(r"^(sqlite:///\S+|postgresql(\+psycopg)?://\S*@?[\w.\-\[\]:]+(:\d+)?/\w\S*)$")
+
+_STRICT = ConfigDict(extra="forbid")
+_OPEN = ConfigDict(extra="allow")
+
+
+def _section(name: str, fields: tuple[str, ...]) -> type[BaseModel]:
+    hints = typing.get_type_hints(TrainConfig)
+    return create_model(name, __config__=_STRICT,
+                        **{f: (hints[f] | None, None) for f in fields})
+
+
+TrainSection = _section("TrainSection", TRAIN_FIELDS)
+ModelSection = _section("ModelSection", MODEL_FIELDS)
+
+
+class Distribution(BaseModel):
+    """One search dimension: int / float (optionally log or stepped) or categorical."""
+
+    model_config = _STRICT
+    type: Literal["int", "float", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Distribution":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("categorical takes 'choices', not low/high/log")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high, not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both 'low' and 'high'")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) must be <= high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low:g}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int range needs integer low and high")
+        if self.step is not None and self.step <= 0:
+            raise ValueError("step must be > 0")
+        return self
+
+    def values(self) -> list[Any] | None:
+        """Every value of a finite dimension (for the grid sampler); None if continuous."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            step = int(self.step or 1)
+            return list(range(int(self.low), int(self.high) + 1, step))
+        if self.step is not None:
+            n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+            return [self.low + i * self.step for i in range(n + 1)]
+        return None
+
+    def ends(self) -> list[Any]:
+        """The extreme values (used to validate the space against the trainer)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+class Objective(BaseModel):
+    model_config = _STRICT
+    metric: Literal["w1", "sliced_w1", "modes", "hq", "kl"]
+    direction: Literal["minimize", "maximize"] | None = None
+
+    @model_validator(mode="after")
+    def _default_direction(self) -> "Objective":
+        self.direction = self.direction or METRICS[self.metric]
+        return self
+
+
+class TargetSpec(BaseModel):
+    """``name`` plus the target's own parameters (e.g. modes, radius, std)."""
+
+    model_config = _OPEN
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SamplerSpec(BaseModel):
+    """``name``, ``seed`` and any keyword options of the Optuna sampler."""
+
+    model_config = _OPEN
+    name: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2", "qmc"] = "tpe"
+    seed: int | None = 0
+
+
+class PrunerSpec(BaseModel):
+    """``name`` and keyword options of the Optuna pruner; ``patient`` wraps ``wrapped``."""
+
+    model_config = _OPEN
+    name: Literal["none", "median", "percentile", "successive_halving", "hyperband",
+                  "patient"] = "median"
+    wrapped: "PrunerSpec | None" = None
+
+
+class TrackingSpec(BaseModel):
+    model_config = _STRICT
+    uri: str | None = None
+
+
+class StudySpec(BaseModel):
+    """A whole study; see studies/*.yaml for annotated examples."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    target: TargetSpec
+    train: TrainSection = Field(default_factory=TrainSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="w1")], min_length=1)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    trials: int = Field(20, gt=0)
+    timeout: float | None = Field(None, gt=0)
+    seeds: int = Field(1, gt=0)
+    storage: str | None = None
+    tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
+    workers: int | None = Field(None, gt=0)
+
+    def fixed(self) -> dict[str, Any]:
+        """The fixed trainer fields: target, train and model sections."""
+        out = {"target": self.target.name, "target_params": self.target.params()}
+        for section in (self.train, self.model):
+            out |= {k: v for k, v in section.model_dump().items() if v is not None}
+        return out
+
+    def trial_config(self, params: dict[str, Any], seed: int = 0) -> TrainConfig:
+        """The trainer config for sampled ``params`` and ``seed``."""
+        return TrainConfig(**(self.fixed() | params | {"seed": seed}))
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+
+
+def _pydantic_message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars) to ``raw``."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise SpecError(path, "--set", f"expected dotted.key=value, got {item!r}")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(path, key, f"cannot set inside {part!r}: it is not a mapping")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The YAML mapping in ``path``; SpecError for a missing, unreadable or invalid file."""
+    p = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise SpecError(p, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(p, "", f"cannot read file ({exc.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(p, "", f"invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raise SpecError(p, "", "empty file; expected a study mapping with name, target, ...")
+    if not isinstance(raw, dict):
+        raise SpecError(p, "", f"expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def validate_spec(raw: dict, path: str = "<spec>") -> StudySpec:
+    """Validate a raw mapping into a StudySpec; every failure is a SpecError."""
+    if not isinstance(raw, dict):
+        raise SpecError(path, "", "expected a mapping at the top level")
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(path, _dotted(err["loc"]), _pydantic_message(err)) from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SpecError(path, "", f"invalid study: {exc}") from None
+    _check_semantics(spec, path)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """Read, override and validate a study file."""
+    raw = apply_overrides(read_yaml(path), overrides or [], str(path))
+    return validate_spec(raw, str(path))
+
+
+def _check_semantics(spec: StudySpec, path: str) -> None:
+    """Checks that need the registries: names, ranges against the trainer, the sampler."""
+    try:
+        target = get_target(spec.target.name, **spec.target.params())
+    except GanbenchError as exc:
+        raise SpecError(path, "target", str(exc)) from None
+    for key in spec.search:
+        if key not in SEARCHABLE:
+            raise SpecError(path, f"search.{key}",
+                            f"not a searchable field; choose from: {', '.join(SEARCHABLE)}")
+        for section, fields in (("train", TRAIN_FIELDS), ("model", MODEL_FIELDS)):
+            if key in fields and getattr(getattr(spec, section), key) is not None:
+                raise SpecError(path, f"search.{key}", f"also fixed in {section}.{key}; "
+                                "fix it or search it, not both")
+    # The fixed values, then each search dimension at its extremes, must make a valid trainer.
+    try:
+        spec.trial_config({}).validate()
+    except GanbenchError as exc:
+        field = next((f"{s}.{f}" for s, fs in (("train", TRAIN_FIELDS), ("model", MODEL_FIELDS))
+                      for f in fs if str(exc).startswith(f)), "model")
+        raise SpecError(path, field, str(exc)) from None
+    for key, dist in spec.search.items():
+        for value in dist.ends():
+            try:
+                spec.trial_config({key: value}).validate()
+            except (GanbenchError, TypeError) as exc:
+                raise SpecError(path, f"search.{key}", f"value {value!r}: {exc}") from None
+    for i, objective in enumerate(spec.objectives):
+        if objective.metric in MODE_METRICS and target.centers is None:
+            raise SpecError(path, f"objectives.{i}.metric", f"{objective.metric!r} needs a "
+                            f"target with modes; {spec.target.name!r} has none (use w1)")
+    if spec.sampler.name == "grid":
+        for key, dist in spec.search.items():
+            if dist.values() is None:
+                raise SpecError(path, f"search.{key}", "the grid sampler needs categorical, "
+                                "int or stepped float ranges, not a continuous range")
+    if spec.storage is not None and not STORAGE_URL.match(spec.storage):
+        raise SpecError(path, "storage", f"expected sqlite:///PATH or "
+                        f"postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, got {spec.storage!r}")
