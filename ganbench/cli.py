@@ -208,8 +208,7 @@ def sweep_cmd(
         from ganbench.train import resolve_device
 
         resolve_device(d)
-    tracking = _tracking(spec)
-    study = sweep.open_study(spec)
+    study, tracking = _open(spec)
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(device_list)} worker(s) on "
                   f"{', '.join(sorted(set(device_list)))}")
@@ -221,7 +220,7 @@ def sweep_cmd(
                             info=_status_line(spec, snap))
 
         try:
-            sweep.run_sweep(spec, device_list, tracking, on_poll)
+            sweep.run_sweep(spec, device_list, tracking and tracking.handle, on_poll)
         except KeyboardInterrupt:
             progress.stop()
             _print_leaderboard(spec, study)
@@ -234,9 +233,25 @@ def sweep_cmd(
     _print_leaderboard(spec, study)
 
 
-def _tracking(spec):
-    """The MLflow tracker of a study (None when tracking is off)."""
-    return None
+def _open(spec):
+    """Check the tracking server, open the storage and study, then the study's parent run.
+
+    The order makes every unreachable service a one-line error before anything is created.
+    """
+    from ganbench import sweep
+
+    tracker = None
+    if spec.tracking is not False:
+        from ganbench.tracking import check_reachable, resolve_uri
+
+        check_reachable(resolve_uri(spec.tracking.uri))
+    study = sweep.open_study(spec)
+    if spec.tracking is not False:
+        from ganbench.tracking import Tracker
+
+        tracker = Tracker.for_study(spec, spec.model_dump(exclude_none=True, mode="json"),
+                                    spec.storage or str(sweep.run_dir(spec) / "optuna.log"))
+    return study, tracker
 
 
 @app.command("worker")
@@ -255,8 +270,7 @@ def worker_cmd(
     dev = str(resolve_device(device))
     if dev == "cpu":
         torch.set_num_threads(1)
-    tracking = _tracking(spec)
-    study = sweep.open_study(spec)
+    study, tracking = _open(spec)
     sweep.recover_dead_workers(study)
     deadline = time.time() + spec.timeout if spec.timeout else None
     console.print(f"worker on {dev} joined study [bold]{spec.name}[/] "
@@ -266,8 +280,11 @@ def worker_cmd(
         vals = ", ".join(f"{v:.4g}" for v in o.values) if o.values else o.reason
         console.print(f"trial {o.number}: {o.state.name} {vals}")
 
-    ran = sweep.worker_loop(spec, dev, spec.trials, deadline,
-                            tracking.attach_worker() if tracking else None, on_trial)
+    try:
+        ran = sweep.worker_loop(spec, dev, spec.trials, deadline, tracking, on_trial)
+    finally:
+        if tracking is not None:
+            tracking.finish(study)
     console.print(f"worker done: ran {ran} trial(s)")
 
 

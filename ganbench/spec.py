@@ -210,7 +210,7 @@ def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.get(part)
-            if child is None:
+            if child is None or child is False:  # e.g. `tracking: false` then tracking.uri=…
                 child = node[part] = {}
             if not isinstance(child, dict):
                 raise SpecError(path, key, f"cannot set inside {part!r}: it is not a mapping")
@@ -283,9 +283,8 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
     try:
         spec.trial_config({}).validate()
     except GanbenchError as exc:
-        field = next((f"{s}.{f}" for s, fs in (("train", TRAIN_FIELDS), ("model", MODEL_FIELDS))
-                      for f in fs if str(exc).startswith(f)), "model")
-        raise SpecError(path, field, str(exc)) from None
+        section = "train" if exc.field in TRAIN_FIELDS else "model"
+        raise SpecError(path, f"{section}.{exc.field}", str(exc)) from None
     for key, dist in spec.search.items():
         for value in dist.ends():
             try:

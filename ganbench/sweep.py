@@ -290,6 +290,13 @@ class Diverged(Exception):
     """A seed of the trial diverged (the trial FAILs through its own doing)."""
 
 
+def intermediate_metric(spec: StudySpec) -> str:
+    """The metric reported at each evaluation for pruning: exact W1 is computed only for the
+    final score (an n³ assignment), so a W1 objective is tracked by sliced W1 meanwhile."""
+    metric = spec.objectives[0].metric
+    return "sliced_w1" if metric == "w1" else metric
+
+
 def objective_values(spec: StudySpec, metrics: dict[str, float]) -> list[float]:
     return [float(metrics[o.metric]) for o in spec.objectives]
 
@@ -321,7 +328,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
                 # Pruning follows the first seed's curve (Optuna needs one value per step).
                 if i > 0 or spec.multi_objective:
                     return False
-                value = float(row.get(spec.objectives[0].metric, math.nan))
+                value = float(row.get(intermediate_metric(spec), math.nan))
                 if math.isfinite(value):
                     trial.report(value, step)
                 return trial.should_prune()

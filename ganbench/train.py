@@ -73,22 +73,25 @@ class TrainConfig:
                      "eval_every", "eval_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise GanbenchError(f"{name} must be a positive integer, got {value!r}")
+                raise GanbenchError(f"{name} must be a positive integer, got {value!r}", name)
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-                raise GanbenchError(f"{name} must be a positive number, got {value!r}")
+                raise GanbenchError(f"{name} must be a positive number, got {value!r}", name)
         for name in ("beta1", "beta2", "momentum"):
             if not 0 <= getattr(self, name) < 1:
-                raise GanbenchError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise GanbenchError(f"{name} must be in [0, 1), got {getattr(self, name)!r}",
+                                    name)
         for which in ("g", "d"):
             if any(w <= 0 for w in self.widths(which)):
-                raise GanbenchError(f"hidden widths must be positive, got {self.widths(which)}")
+                raise GanbenchError(f"hidden widths must be positive, got {self.widths(which)}",
+                                    "hidden")
         if self.batch_size % self.pack:
             raise GanbenchError(f"batch_size ({self.batch_size}) must be divisible by pack "
-                                f"({self.pack})")
+                                f"({self.pack})", "pack")
         if self.eval_samples % self.pack:
-            raise GanbenchError(f"eval_samples ({self.eval_samples}) must be divisible by pack")
+            raise GanbenchError(f"eval_samples ({self.eval_samples}) must be divisible by pack",
+                                "pack")
         resolve_device(self.device)
         return self
 
@@ -126,10 +129,11 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise GanbenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise GanbenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N",
+                            "device") from None
     if dev.type == "cuda" and (not torch.cuda.is_available()
                                or (dev.index or 0) >= torch.cuda.device_count()):
-        raise GanbenchError(f"device {device!r} is not available on this machine")
+        raise GanbenchError(f"device {device!r} is not available on this machine", "device")
     return dev
 
 

@@ -1,0 +1,255 @@
+"""MLflow logging: a parent run per study, a child run per trial. The only module that
+imports mlflow.
+
+Workers are processes: child runs are created with an explicit parent run id through
+``MlflowClient`` (never the per-thread active-run stack), metrics go in batches, and a
+failure to log never stops training: it is reported once per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ganbench.errors import GanbenchError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+# MLflow announces its database migrations at INFO; keep the CLI's output ours.
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+STUDY_TAG = "ganbench.study"
+ROLE_TAG = "ganbench.role"
+
+
+def resolve_uri(spec_uri: str | None) -> str:
+    """spec / --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
+    return spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An HTTP tracking server must answer its health endpoint; one-line error otherwise."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise GanbenchError(f"tracking server {uri} is unreachable: {reason}") from None
+    elif not uri.startswith(("sqlite:///", "file:", "postgresql", "mysql")) and "://" in uri:
+        raise GanbenchError(f"tracking uri {uri!r}: expected http(s)://, sqlite:///, file: "
+                            "or a database URL")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr_g": 1e-3}} → {"train.lr_g": 1e-3}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, name + ".")
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass
+class TrackingHandle:
+    """Picklable: what a worker process needs to log into the study's parent run."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+class Tracker:
+    """Logs one study; create it in the coordinating process with :meth:`for_study`."""
+
+    def __init__(self, handle: TrackingHandle) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.handle = handle
+        self.client = MlflowClient(tracking_uri=handle.uri)
+
+    # ---- study level (coordinator) ----
+    @classmethod
+    def for_study(cls, spec, raw_spec: dict, storage_label: str) -> "Tracker":
+        """Find or create the study's parent run (resumed sweeps reuse it)."""
+        uri = resolve_uri(spec.tracking.uri if spec.tracking else None)
+        check_reachable(uri)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            exp = client.get_experiment_by_name(spec.name)
+            exp_id = exp.experiment_id if exp else client.create_experiment(spec.name)
+            found = client.search_runs(
+                [exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'study' and "
+                f"tags.`{STUDY_TAG}` = '{spec.name}'", max_results=1)
+        except Exception as exc:
+            raise GanbenchError(f"tracking {uri}: {_one_line(exc)}") from None
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run = client.create_run(exp_id, run_name=spec.name, tags={
+                ROLE_TAG: "study", STUDY_TAG: spec.name, "storage": storage_label,
+                "sampler": spec.sampler.name, "pruner": spec.pruner.name,
+                "target": spec.target.name,
+                "objectives": ",".join(f"{o.metric}:{o.direction}" for o in spec.objectives),
+            })
+            run_id = run.info.run_id
+            params = {k: _param(v) for k, v in flatten(raw_spec).items()}
+            _log_batch(client, run_id, params=params)
+        return cls(TrackingHandle(uri, exp_id, run_id))
+
+    @classmethod
+    def attach(cls, handle: TrackingHandle) -> "Tracker":
+        """The tracker of a worker process."""
+        return cls(handle)
+
+    def finish(self, study) -> None:
+        """Log the best trial's metrics on the parent run and end it."""
+        try:
+            complete = [t for t in study.get_trials(deepcopy=False)
+                        if t.state.name == "COMPLETE"]
+            metrics: dict[str, float] = {"trials_complete": float(len(complete))}
+            if complete and len(study.directions) == 1:
+                best = study.best_trial
+                metrics |= {f"best.{k}": float(v) for k, v in
+                            best.user_attrs.get("metrics", {}).items()}
+                self.client.set_tag(self.handle.parent_run_id, "best_trial", str(best.number))
+            _log_batch(self.client, self.handle.parent_run_id, metrics=metrics)
+            self.client.set_terminated(self.handle.parent_run_id, "FINISHED")
+        except Exception as exc:  # never lose a sweep's results over logging
+            print(f"warning: tracking: could not finish the study run: {_one_line(exc)}",
+                  file=sys.stderr)
+
+    # ---- trial level (workers) ----
+    def start_trial(self, trial, spec, params: dict[str, Any]) -> "TrialRun":
+        return TrialRun(self, trial, spec, params)
+
+
+class TrialRun:
+    """One child run; every method swallows logging errors after one warning."""
+
+    def __init__(self, tracker: Tracker, trial, spec, params: dict[str, Any]) -> None:
+        self.client, self.handle = tracker.client, tracker.handle
+        self.trial_number = trial.number
+        self.run_id: str | None = None
+        self.warned = False
+        config = spec.trial_config(params)
+        self.config = config
+        name = f"{spec.target.name}__{config.loss}__t{trial.number}"
+        dotted = flatten({"target": {"name": spec.target.name, **spec.target.params()},
+                          "train": {k: getattr(config, k) for k in _TRAIN},
+                          "model": {k: getattr(config, k) for k in _MODEL},
+                          "seeds": spec.seeds})
+
+        def start() -> None:
+            run = self.client.create_run(self.handle.experiment_id, run_name=name, tags={
+                "mlflow.parentRunId": self.handle.parent_run_id, ROLE_TAG: "trial",
+                STUDY_TAG: spec.name, "trial_number": str(trial.number), "state": "RUNNING",
+            })
+            self.run_id = run.info.run_id
+            _log_batch(self.client, self.run_id,
+                       params={k: _param(v) for k, v in dotted.items()})
+            trial.set_user_attr("mlflow_run_id", self.run_id)
+
+        self._safe(start)
+
+    def log_eval(self, step: int, row: dict[str, float]) -> None:
+        """Curves: losses and metrics of one evaluation, in one batch."""
+        metrics = {k: float(v) for k, v in row.items() if k != "step"}
+        self._safe(lambda: _log_batch(self.client, self.run_id, metrics=metrics, step=step))
+
+    def end(self, state, final: dict[str, float], reason: str, result=None,
+            killed: bool = False) -> None:
+        """Final metrics, samples PNG and config artifacts, tags, terminal status."""
+        def finish() -> None:
+            step = result.steps if result is not None else 0
+            _log_batch(self.client, self.run_id, step=step,
+                       metrics={k: float(v) for k, v in final.items() if _finite(v)})
+            tags = {"state": state.name}
+            if reason:
+                tags["fail_reason" if state.name == "FAIL" else "reason"] = reason
+            if state.name == "PRUNED":
+                tags["pruned"] = "true"
+            if killed:
+                tags["interrupted"] = "true"
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.json").write_text(
+                    json.dumps(self.config.to_dict(), indent=2, default=str))
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "config.json"))
+                if result is not None and result.samples.numel():
+                    from ganbench.report import save_samples_png
+                    from ganbench.targets import get_target
+
+                    tgt = get_target(self.config.target, **self.config.target_params)
+                    png = Path(tmp) / "samples.png"
+                    save_samples_png(png, result.samples.numpy(), result.reference.numpy(),
+                                     None if tgt.centers is None else tgt.centers.numpy(),
+                                     f"trial {self.trial_number} · {state.name.lower()}")
+                    self.client.log_artifact(self.run_id, str(png))
+            status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}[state.name]
+            self.client.set_terminated(self.run_id, "KILLED" if killed else status)
+
+        self._safe(finish)
+
+    def _safe(self, fn) -> None:
+        if self.run_id is None and fn.__name__ != "start":
+            return
+        try:
+            fn()
+        except Exception as exc:
+            if not self.warned:
+                self.warned = True
+                print(f"warning: tracking: trial {self.trial_number}: logging failed "
+                      f"({_one_line(exc)}); training goes on", file=sys.stderr)
+
+
+_TRAIN = ("steps", "batch_size", "eval_every", "eval_samples", "optimizer", "lr_g", "lr_d",
+          "beta1", "beta2", "momentum", "d_steps")
+_MODEL = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
+          "spectral_norm", "pack")
+
+
+def _finite(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _param(v: Any) -> str:
+    return str(v)[:6000]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _log_batch(client, run_id: str, params: dict | None = None, metrics: dict | None = None,
+               step: int = 0) -> None:
+    """One request per call: MLflow limits a batch to 100 params / 1000 metrics."""
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    p = [Param(k, v) for k, v in (params or {}).items()]
+    m = [Metric(k, v, now, step) for k, v in (metrics or {}).items() if _finite(v)]
+    for i in range(0, max(len(p), 1), 100):
+        chunk = p[i:i + 100]
+        if chunk or (i == 0 and m):
+            client.log_batch(run_id, metrics=m if i == 0 else [], params=chunk)

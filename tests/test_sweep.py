@@ -1,0 +1,197 @@
+import os
+import socket
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ganbench import sweep
+from ganbench.report import trials_frame
+from ganbench.spec import load_spec
+from tests.conftest import cli_env, write_spec
+
+
+def ganbench(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_suggest_maps_the_space_onto_trainer_fields(in_tmp):
+    spec = load_spec(write_spec(in_tmp))
+    trial = optuna.trial.FixedTrial({"lr_g": 1e-3, "lr_d": 2e-3, "hidden": 32})
+    params = sweep.suggest(trial, spec)
+    config = spec.trial_config(params, seed=2)
+    assert (config.lr_g, config.lr_d, config.hidden, config.seed) == (1e-3, 2e-3, 32, 2)
+    assert config.steps == 40 and config.depth == 1
+
+
+def test_sequential_sweep_completes_exactly_the_total_and_is_deterministic(in_tmp):
+    def run(name):
+        spec = load_spec(write_spec(in_tmp, name=name))
+        ran = sweep.worker_loop(spec, "cpu", spec.trials)
+        study = sweep.open_study(spec)
+        return ran, [(t.params, t.values) for t in study.get_trials()]
+
+    ran, first = run("a")
+    assert ran == 4 and len(first) == 4
+    _, second = run("b")
+    assert first == second  # same sampler seed, one worker: identical trials and metrics
+
+
+def test_pruner_prunes_a_bad_region(in_tmp):
+    space = {"lr_g": {"type": "float", "low": 1e-7, "high": 1e-2, "log": True}}
+    spec = load_spec(write_spec(
+        in_tmp, trials=10, search=space,
+        train={"steps": 80, "eval_every": 10, "eval_samples": 256, "batch_size": 64},
+        pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 10}))
+    sweep.worker_loop(spec, "cpu", spec.trials)
+    study = sweep.open_study(spec)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert pruned and len(study.get_trials()) == 10
+    assert all(t.last_step is not None and t.last_step < 80 for t in pruned)
+
+
+def test_diverging_trials_fail_with_reason_and_count(in_tmp):
+    spec = load_spec(write_spec(
+        in_tmp, trials=2, model={"loss": "wasserstein"},
+        train={"steps": 40, "eval_every": 20, "eval_samples": 256, "optimizer": "sgd"},
+        search={"lr_g": {"type": "float", "low": 1e5, "high": 1e6, "log": True},
+                "lr_d": {"type": "float", "low": 1e5, "high": 1e6, "log": True}}))
+    sweep.worker_loop(spec, "cpu", spec.trials)
+    trials = sweep.open_study(spec).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    for t in trials:
+        assert t.user_attrs["fail_kind"] == sweep.TRIAL_FAULT
+        assert t.user_attrs["fail_reason"].startswith("seed 0 diverged at step ")
+    assert sweep.count_trials(trials) == (2, 0)
+    frame = trials_frame(trials, [("w1", "minimize")])
+    assert list(frame["state"]) == ["FAIL", "FAIL"] and frame["reason"].str.contains(
+        "diverged").all()
+
+
+def test_multi_objective_yields_a_pareto_table(in_tmp):
+    spec = load_spec(write_spec(
+        in_tmp, trials=5, objectives=[{"metric": "w1"}, {"metric": "modes"}],
+        sampler={"name": "nsga2", "seed": 0, "population_size": 4}))
+    assert spec.directions == ["minimize", "maximize"]
+    sweep.worker_loop(spec, "cpu", spec.trials)
+    study = sweep.open_study(spec)
+    front = [t.number for t in study.best_trials]
+    frame = trials_frame(study.get_trials(), [("w1", "minimize"), ("modes", "maximize")], front)
+    assert {"objective_w1", "objective_modes", "pareto"} <= set(frame.columns)
+    assert sorted(frame.loc[frame["pareto"], "number"]) == sorted(front)
+    # No Pareto member is dominated by another finished trial.
+    done = frame[frame["state"] == "COMPLETE"]
+    for _, p in done[done["pareto"]].iterrows():
+        assert not ((done["objective_w1"] <= p["objective_w1"])
+                    & (done["objective_modes"] >= p["objective_modes"])
+                    & ((done["objective_w1"] < p["objective_w1"])
+                       | (done["objective_modes"] > p["objective_modes"]))).any()
+
+
+def test_seed_repeats_are_averaged_and_kept(in_tmp):
+    spec = load_spec(write_spec(in_tmp, trials=1, seeds=3))
+    sweep.worker_loop(spec, "cpu", spec.trials)
+    (trial,) = sweep.open_study(spec).get_trials()
+    per_seed = trial.user_attrs["seed_metrics"]
+    assert len(per_seed) == 3 and len({s["w1"] for s in per_seed}) == 3
+    assert trial.values[0] == pytest.approx(sum(s["w1"] for s in per_seed) / 3)
+
+
+def test_a_dead_local_workers_trial_is_failed_and_retried(in_tmp):
+    spec = load_spec(write_spec(in_tmp, trials=2))
+    study = sweep.open_study(spec)
+    trial = study.ask()
+    sweep.suggest(trial, spec)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", dead.pid)
+    assert sweep.recover_dead_workers(study) == [trial.number]
+    lost = study.get_trials()[0]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == sweep.WORKER_DIED
+    assert sweep.count_trials(study.get_trials()) == (0, 0)  # a lost trial does not count
+    sweep.worker_loop(spec, "cpu", spec.trials)
+    trials = study.get_trials()
+    assert sweep.count_trials(trials) == (2, 0) and len(trials) == 3
+    retry = trials[1]
+    assert retry.params == lost.params and retry.user_attrs["retry_of"] == lost.number
+
+
+@pytest.mark.slow
+def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
+    spec = write_spec(in_tmp)
+    first = ganbench("sweep", str(spec), "--workers", "2", cwd=in_tmp)
+    assert first.returncode == 0, first.stderr
+    assert "best trials" in first.stdout and (in_tmp / "reports/tiny/leaderboard.csv").exists()
+    study = optuna.load_study(study_name="tiny", storage=sweep.get_storage(load_spec(spec)))
+    assert states(study) == [TrialState.COMPLETE] * 4
+    assert {t.user_attrs["pid"] for t in study.get_trials()}.__len__() == 2  # both worked
+    again = ganbench("sweep", str(spec), "--workers", "2", cwd=in_tmp)
+    assert again.returncode == 0 and len(study.get_trials()) == 4  # never starts over
+    more = ganbench("sweep", str(spec), "--workers", "2", "--trials", "7", cwd=in_tmp)
+    assert more.returncode == 0, more.stderr
+    numbers = [t.number for t in study.get_trials()]
+    assert numbers == list(range(7)) and states(study) == [TrialState.COMPLETE] * 7
+    status = ganbench("status", str(spec), cwd=in_tmp)
+    assert status.returncode == 0 and "COMPLETE" in status.stdout and "7/4" in status.stdout
+
+
+@pytest.mark.slow
+def test_cli_sweep_on_postgres_with_two_workers(in_tmp, postgres):
+    spec = write_spec(in_tmp, name="pg", trials=5)
+    proc = ganbench("sweep", str(spec), "--workers", "2", "--storage", postgres.url, cwd=in_tmp)
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="pg", storage=sweep.get_storage(
+        load_spec(spec, [f"storage={postgres.url}"])))
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(5))
+    assert states(study) == [TrialState.COMPLETE] * 5
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+    assert not (in_tmp / "runs/pg/optuna.log").exists()
+
+
+@pytest.mark.slow
+def test_cli_worker_joins_a_postgres_study(in_tmp, postgres):
+    spec = write_spec(in_tmp, name="joined", trials=2)
+    proc = ganbench("worker", str(spec), "--storage", postgres.url, "--device", "cpu",
+                    cwd=in_tmp)
+    assert proc.returncode == 0, proc.stderr
+    assert "trial 0: COMPLETE" in proc.stdout and "ran 2 trial(s)" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot connect"),
+    (["--storage", "redis://x"], "storage: expected sqlite:///PATH or postgresql"),
+    (["--set", "search.lr_g.low=0"], "search.lr_g: log scale needs low > 0"),
+    (["--set", "sampler.name=grid"], "grid sampler needs categorical"),
+    (["--trials", "0"], "trials: Input should be greater than 0"),
+    (["--tracking-uri", "http://127.0.0.1:1"], "tracking server http://127.0.0.1:1 is "
+                                               "unreachable"),
+    (["--devices", "cuda:7"], "device 'cuda:7' is not available"),
+])
+def test_cli_bad_input_is_one_line_and_creates_nothing(in_tmp, args, needle):
+    spec = write_spec(in_tmp)
+    proc = ganbench("sweep", str(spec), *args, cwd=in_tmp)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["tiny.yaml"]
+
+
+@pytest.mark.parametrize("command", ["sweep", "worker", "status"])
+def test_every_study_command_reports_a_missing_spec(in_tmp, command):
+    proc = ganbench(command, "nope.yaml", cwd=in_tmp)
+    assert proc.returncode == 2 and proc.stderr == "error: nope.yaml: file not found\n"
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_status_of_a_study_that_never_ran(in_tmp):
+    proc = ganbench("status", str(write_spec(in_tmp)), cwd=in_tmp)
+    assert proc.returncode == 2 and "no study found" in proc.stderr
+    assert not (in_tmp / "runs").exists()
