@@ -310,6 +310,25 @@ def status_cmd(
     _print_leaderboard(spec, study)
 
 
+@app.command("report")
+def report_cmd(
+    spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
+                                       "reports/<name>)."),
+) -> None:
+    """Write tables and plots of a study from its storage: reports/<name>/index.html."""
+    from ganbench import sweep
+    from ganbench.report import write_study_report
+
+    spec = _load(spec_path, sets, storage=storage)
+    study = sweep.open_study(spec, create=False)
+    out = out or Path("reports") / spec.name
+    files = write_study_report(study, [(o.metric, o.direction) for o in spec.objectives],
+                               list(spec.search), out, spec.trials)
+    for f in files:
+        console.print(f"wrote {f}")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"

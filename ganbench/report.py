@@ -97,7 +97,11 @@ def _save(fig: "plt.Figure", path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.tight_layout()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # colorbar axes cannot be laid out tightly
+        fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -172,3 +176,136 @@ def write_leaderboard(frame: "pd.DataFrame", out_dir: str | os.PathLike) -> list
     atomic_write_text(out / "leaderboard.csv", frame.to_csv(index=False))
     atomic_write_text(out / "leaderboard.md", to_markdown(frame))
     return [out / "leaderboard.csv", out / "leaderboard.md"]
+
+
+# ---------------------------------------------------------------- study report
+def _figure(ax_or_axes) -> "plt.Figure":
+    first = ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes
+    return first.figure
+
+
+def study_plots(study: Any, objectives: Sequence[tuple[str, str]], params: Sequence[str],
+                out: Path) -> dict[str, str]:
+    """Optuna's matplotlib plots as PNGs; returns {file name: caption} of those written
+    (a plot that needs more trials than the study has is skipped)."""
+    import warnings
+
+    import optuna.visualization.matplotlib as ov
+
+    metric = objectives[0][0]
+    multi = len(objectives) > 1
+    target = (lambda t: t.values[0]) if multi else None
+    name = metric
+    plots: list[tuple[str, str, Any]] = [
+        ("history.png", f"Optimization history ({name})",
+         lambda: ov.plot_optimization_history(study, target=target, target_name=name)),
+        ("importances.png", f"Parameter importances for {name} (fANOVA)",
+         lambda: ov.plot_param_importances(study, target=target, target_name=name)),
+        ("parallel.png", "Parallel coordinates of the search space",
+         lambda: ov.plot_parallel_coordinate(study, params=list(params) or None, target=target,
+                                             target_name=name)),
+        ("slices.png", f"{name} against each parameter",
+         lambda: ov.plot_slice(study, params=list(params) or None, target=target,
+                               target_name=name)),
+        ("intermediate.png", "Intermediate values (pruning curves)",
+         lambda: ov.plot_intermediate_values(study)),
+    ]
+    if multi:
+        plots.insert(0, ("pareto.png", "Pareto front",
+                         lambda: ov.plot_pareto_front(
+                             study, target_names=[m for m, _ in objectives])))
+        plots = [p for p in plots if p[0] != "intermediate.png"]
+    written = {}
+    for filename, caption, make in plots:
+        try:
+            # Optuna's plots switch the global matplotlib style: keep it to this figure.
+            with warnings.catch_warnings(), matplotlib.rc_context():
+                warnings.simplefilter("ignore")
+                fig = _figure(make())
+        except Exception:  # too few trials or no varying parameter: skip this plot
+            plt.close("all")
+            continue
+        if not fig.axes or not any(ax.has_data() for ax in fig.axes):
+            plt.close(fig)
+            continue
+        if filename != "slices.png":
+            fig.set_size_inches(8, 5)
+        _save(fig, out / filename)
+        written[filename] = caption
+    return written
+
+
+def best_samples_grid(study: Any, frame: "pd.DataFrame", out: Path, top: int = 8) -> bool:
+    """Scatter grid of the best trials' generated samples over the target's."""
+    ref = study.user_attrs.get("reference")
+    if not ref or frame.empty:
+        return False
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    panels = []
+    for row in frame.itertuples(index=False):
+        trial = by_number[row.number]
+        if row.state != "COMPLETE" or "samples" not in trial.user_attrs:
+            continue
+        metrics = trial.user_attrs.get("metrics", {})
+        title = f"#{row.number}  " + "  ".join(
+            f"{k} {metrics[k]:.3g}" for k in ("w1", "modes") if k in metrics)
+        panels.append((np.array(trial.user_attrs["samples"]), np.array(ref["points"]),
+                       None if ref["centers"] is None else np.array(ref["centers"]), title))
+        if len(panels) == top:
+            break
+    if not panels:
+        return False
+    save_samples_grid(out / "samples.png", panels)
+    return True
+
+
+HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;
+text-align:right}}img{{max-width:100%;border:1px solid #eee;margin:6px 0}}
+figcaption{{color:#555;font-size:13px}}</style></head>
+<body><h1>{title}</h1><p>{summary}</p>{body}</body></html>
+"""
+
+
+def html_page(title: str, summary: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A self-contained page (images by relative path) readable offline."""
+    body = "".join(f"<h2>{h}</h2>\n{content}\n" for h, content in sections)
+    return HTML.format(title=title, summary=summary, body=body)
+
+
+def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
+                       params: Sequence[str], out_dir: str | os.PathLike,
+                       total: int | None = None) -> list[Path]:
+    """reports/<name>/: leaderboard.csv/.md, plots, samples grid and index.html."""
+    out = Path(out_dir)
+    trials = study.get_trials(deepcopy=False)
+    multi = len(objectives) > 1
+    complete = any(t.state.name == "COMPLETE" for t in trials)
+    pareto = [t.number for t in study.best_trials] if multi and complete else []
+    frame = trials_frame(trials, objectives, pareto)
+    if frame.empty:
+        from ganbench.errors import GanbenchError
+
+        raise GanbenchError(f"study {study.study_name!r} has no finished trials to report")
+    files = write_leaderboard(frame, out)
+    plots = study_plots(study, objectives, params, out)
+    if best_samples_grid(study, frame, out):
+        plots["samples.png"] = "Generated (blue) over target (grey) samples of the best trials"
+    counts = frame["state"].value_counts().to_dict()
+    summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    label = ", ".join(f"{m} ({'lower' if d == 'minimize' else 'higher'} is better)"
+                      for m, d in objectives)
+    shown = frame.drop(columns=["mlflow_run_id"]).head(30)
+    table = shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+    sections = [("Leaderboard" + (" (Pareto front marked)" if multi else ""),
+                 f"<p>Objective: {label}. Full table: "
+                 f"<a href='leaderboard.csv'>leaderboard.csv</a>.</p>{table}")]
+    sections += [(caption, f"<figure><img src='{f}' alt='{caption}'></figure>")
+                 for f, caption in plots.items()]
+    title = f"Study {study.study_name}"
+    if total is not None:
+        summary += f" (of {total} planned)"
+    atomic_write_text(out / "index.html", html_page(title, f"Trials: {summary}.", sections))
+    return files + [out / f for f in plots] + [out / "index.html"]

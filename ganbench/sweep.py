@@ -174,12 +174,35 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
             pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
     if [d.name.lower() for d in study.directions] != spec.directions:
         raise GanbenchError(f"study {spec.name!r} exists with other objectives; rename the study")
+    if "reference" not in study.user_attrs:
+        study.set_user_attr("reference", plot_reference(spec))
     existing = len(study.get_trials(deepcopy=False))
     if existing:
         # A resumed seeded sampler would replay the draws of the first run: shift its seed
         # by the trials already there (still deterministic for a given history).
         study.sampler = make_sampler(spec, worker + 7919 * existing)
     return study
+
+
+PLOT_POINTS = 500  # samples kept per trial (and of the target) for the report's scatters
+
+
+def _points(x) -> list[list[float]]:
+    return [[round(float(v), 4) for v in row[:2]] for row in x[:PLOT_POINTS].tolist()]
+
+
+def plot_reference(spec: StudySpec) -> dict[str, Any]:
+    """The target's evaluation points and mode centres (first two coordinates), stored in the
+    study so reports can draw scatters from the storage alone."""
+    import torch
+
+    from ganbench.targets import get_target
+
+    target = get_target(spec.target.name, **spec.target.params())
+    config = spec.trial_config({})
+    points = target.sample(PLOT_POINTS, torch.Generator().manual_seed(config.eval_seed))
+    centers = None if target.centers is None else _points(target.centers)
+    return {"points": _points(points), "centers": centers, "dim": target.dim}
 
 
 # ---------------------------------------------------------------- counting and recovery
@@ -334,6 +357,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
                 return trial.should_prune()
 
             result = train(config, on_eval=on_eval)
+            if i == 0 and result.samples.numel():
+                storage.set_trial_user_attr(trial._trial_id, "samples", _points(result.samples))
             if result.status == "stopped":
                 state, reason = TrialState.PRUNED, f"pruned at step {result.steps}"
                 break
@@ -365,10 +390,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
         fail_trial(study, frozen, TRIAL_FAULT, reason)
         state = TrialState.FAIL
     if run is not None:
-        final = seeds_metrics[-1] if state == TrialState.COMPLETE else \
-            (result.metrics if result else {})
-        run.end(state, dict(zip([o.metric for o in spec.objectives], values or [])) | final,
-                reason, result)
+        final = {f"objective.{o.metric}": v for o, v in zip(spec.objectives, values or [])}
+        if spec.seeds > 1 and state == TrialState.COMPLETE:
+            final |= {f"mean.{k}": v for k, v in mean.items()}
+        run.end(state, final, reason, result)
     return TrialOutcome(trial.number, state, values, reason)
 
 

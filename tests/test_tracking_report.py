@@ -1,0 +1,113 @@
+"""A real `mlflow server`, a real two-worker sweep, and the report read back from storage."""
+
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import cli_env, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def ganbench(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd,
+                          env=env or cli_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tracked_sweep(tmp_path_factory, mlflow_server):
+    """One sweep of 4 trials with 2 workers logged to the server; a diverging region included."""
+    folder = tmp_path_factory.mktemp("tracked")
+    spec_path = write_spec(folder, name="tracked", tracking={"uri": mlflow_server.url})
+    proc = ganbench("sweep", str(spec_path), "--workers", "2", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = JournalFileBackend(str(folder / "runs/tracked/optuna.log"))
+    study = optuna.load_study(study_name="tracked",
+                              storage=optuna.storages.JournalStorage(journal))
+    return folder, spec_path, study, MlflowClient(mlflow_server.url)
+
+
+def runs_of(client, name):
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id])
+
+
+def test_one_parent_and_one_child_per_trial(tracked_sweep):
+    folder, _, study, client = tracked_sweep
+    runs = runs_of(client, "tracked")
+    parents = [r for r in runs if r.data.tags.get("ganbench.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("ganbench.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sampler"] == "random"
+    assert "best.w1" in parent.data.metrics and parent.data.params["train.steps"] == "40"
+    by_id = {r.info.run_id: r for r in children}
+    for trial in study.get_trials():
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["trial_number"] == str(trial.number)
+        assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+        assert float(run.data.params["train.lr_g"]) == pytest.approx(trial.params["lr_g"])
+        assert run.data.params["model.hidden"] == str(trial.params["hidden"])
+        curve = client.get_metric_history(run.info.run_id, "sliced_w1")
+        assert sorted(m.step for m in curve) == [20, 40]
+        assert run.data.metrics["w1"] == pytest.approx(trial.values[0])
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"samples.png", "config.json"} <= artifacts
+
+
+def test_report_matches_the_storage_value_for_value(tracked_sweep):
+    folder, spec_path, study, _ = tracked_sweep
+    proc = ganbench("report", str(spec_path), cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    out = folder / "reports" / "tracked"
+    for name in ("leaderboard.csv", "leaderboard.md", "index.html", "history.png",
+                 "parallel.png", "slices.png", "samples.png"):
+        assert (out / name).stat().st_size > 0, name
+    frame = pd.read_csv(out / "leaderboard.csv")
+    trials = {t.number: t for t in study.get_trials()}
+    assert sorted(frame["number"]) == sorted(trials)
+    for row in frame.itertuples(index=False):
+        t = trials[row.number]
+        assert row.state == t.state.name
+        assert row.objective_w1 == pytest.approx(t.values[0], rel=1e-12)
+        assert row.lr_g == pytest.approx(t.params["lr_g"], rel=1e-12)
+        assert row.hidden == t.params["hidden"]
+        for m in ("w1", "sliced_w1", "modes", "hq", "kl"):
+            assert getattr(row, m) == pytest.approx(t.user_attrs["metrics"][m], rel=1e-12)
+        assert row.mlflow_run_id == t.user_attrs["mlflow_run_id"]
+    assert list(frame["objective_w1"]) == sorted(frame["objective_w1"])  # best first
+    html = (out / "index.html").read_text()
+    assert "<img src='samples.png'" in html and "leaderboard.csv" in html
+
+
+def test_diverged_trial_is_a_failed_run_with_its_reason(tmp_path, mlflow_server):
+    spec_path = write_spec(
+        tmp_path, name="diverging", trials=1, tracking={"uri": mlflow_server.url},
+        model={"loss": "wasserstein"},
+        train={"steps": 40, "eval_every": 20, "eval_samples": 256, "optimizer": "sgd"},
+        search={"lr_g": {"type": "float", "low": 1e5, "high": 1e6, "log": True}})
+    proc = ganbench("sweep", str(spec_path), "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(mlflow_server.url)
+    (child,) = [r for r in runs_of(client, "diverging")
+                if r.data.tags.get("ganbench.role") == "trial"]
+    assert child.info.status == "FAILED"
+    assert child.data.tags["fail_reason"].startswith("seed 0 diverged at step")
+    board = pd.read_csv(tmp_path / "reports/diverging/leaderboard.csv")
+    assert board.loc[0, "state"] == "FAIL" and "diverged" in board.loc[0, "reason"]
+
+
+def test_tracking_off_and_env_uri(tmp_path, mlflow_server):
+    spec_path = write_spec(tmp_path, name="envuri", trials=1, tracking={})
+    env = cli_env() | {"MLFLOW_TRACKING_URI": mlflow_server.url}
+    proc = ganbench("sweep", str(spec_path), "--workers", "1", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(runs_of(MlflowClient(mlflow_server.url), "envuri")) == 2
+    assert not (tmp_path / "mlflow.db").exists()
