@@ -220,7 +220,8 @@ def sweep_cmd(
                             info=_status_line(spec, snap))
 
         try:
-            sweep.run_sweep(spec, device_list, tracking and tracking.handle, on_poll)
+            sweep.run_sweep(spec, device_list, tracking and tracking.handle, on_poll,
+                            on_lost=tracking and tracking.end_lost)
         except KeyboardInterrupt:
             progress.stop()
             _print_leaderboard(spec, study)
@@ -271,7 +272,7 @@ def worker_cmd(
     if dev == "cpu":
         torch.set_num_threads(1)
     study, tracking = _open(spec)
-    sweep.recover_dead_workers(study)
+    sweep.recover_dead_workers(study, tracking and tracking.end_lost)
     deadline = time.time() + spec.timeout if spec.timeout else None
     console.print(f"worker on {dev} joined study [bold]{spec.name}[/] "
                   f"({'journal ' + str(sweep.run_dir(spec) / 'optuna.log') if spec.storage is None else 'RDB storage'})")
@@ -343,7 +344,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="ganbench", standalone_mode=False)
+        code = command.main(args=args, prog_name="ganbench", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns 130 for Ctrl-C here
+            if code == 130:
+                print("interrupted", file=sys.stderr)
+            sys.exit(code)
     except GanbenchError as exc:
         if debug:
             traceback.print_exc()

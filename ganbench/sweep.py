@@ -253,8 +253,12 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, kind: str, reason: str) 
         requeue(study, trial)
 
 
-def recover_dead_workers(study: optuna.Study) -> list[int]:
-    """Fail and re-queue RUNNING trials whose worker was a process of this host that is gone.
+def recover_dead_workers(study: optuna.Study,
+                         on_lost: Callable[[FrozenTrial, str], None] | None = None
+                         ) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker was a process of this host that is gone;
+    ``on_lost(trial, reason)`` lets the caller close what else the trial had open (its
+    MLflow run).
 
     Local workers are detected directly by pid (no heartbeat grace period to wait out);
     workers on other machines are left to the storage's heartbeats.
@@ -264,7 +268,10 @@ def recover_dead_workers(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w_host, w_pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
         if w_host == host and isinstance(w_pid, int) and not _pid_alive(w_pid):
-            fail_trial(study, trial, WORKER_DIED, f"worker died (pid {w_pid} on {host})")
+            reason = f"worker died (pid {w_pid} on {host})"
+            fail_trial(study, trial, WORKER_DIED, reason)
+            if on_lost is not None:
+                on_lost(trial, reason)
             recovered.append(trial.number)
     if isinstance(study._storage, optuna.storages.RDBStorage):
         optuna.storages.fail_stale_trials(study)
@@ -542,8 +549,8 @@ def snapshot(study: optuna.Study, spec: StudySpec, total: int) -> Snapshot:
 
 
 def run_sweep(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
-              on_poll: Callable[[Snapshot], None] | None = None, poll: float = 1.0
-              ) -> Snapshot:
+              on_poll: Callable[[Snapshot], None] | None = None, poll: float = 1.0,
+              on_lost: Callable[[FrozenTrial, str], None] | None = None) -> Snapshot:
     """Run the study to ``spec.trials`` counted trials with one worker process per device.
 
     Resumable: trials already in the storage count; dead local workers' trials are failed
@@ -551,12 +558,14 @@ def run_sweep(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
     is re-raised after they exit.
     """
     study = open_study(spec)
-    recover_dead_workers(study)
+    recover_dead_workers(study, on_lost)
     total = spec.trials
     deadline = time.time() + spec.timeout if spec.timeout else None
     snap = snapshot(study, spec, total)
     if snap.done >= total:
         return snap
+    # More workers than trials left would only start and stop again.
+    devices = list(devices)[:max(1, total - snap.done)]
     procs = start_workers(spec, devices, total, deadline, tracking)
     try:
         while any(p.is_alive() for p in procs):

@@ -24,9 +24,21 @@ from ganbench.errors import GanbenchError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
-# MLflow announces its database migrations at INFO; keep the CLI's output ours.
-for _name in ("mlflow", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+# A tracking server that went away must not stall training in long retry loops.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+
+def _client(uri: str):
+    """An MlflowClient; MLflow's INFO logs (database migrations) are kept out of our output.
+    The levels are set after the import because importing mlflow configures its loggers."""
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
 STUDY_TAG = "ganbench.study"
 ROLE_TAG = "ganbench.role"
 
@@ -76,10 +88,8 @@ class Tracker:
     """Logs one study; create it in the coordinating process with :meth:`for_study`."""
 
     def __init__(self, handle: TrackingHandle) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.handle = handle
-        self.client = MlflowClient(tracking_uri=handle.uri)
+        self.client = _client(handle.uri)
 
     # ---- study level (coordinator) ----
     @classmethod
@@ -87,9 +97,7 @@ class Tracker:
         """Find or create the study's parent run (resumed sweeps reuse it)."""
         uri = resolve_uri(spec.tracking.uri if spec.tracking else None)
         check_reachable(uri)
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = _client(uri)
         try:
             exp = client.get_experiment_by_name(spec.name)
             exp_id = exp.experiment_id if exp else client.create_experiment(spec.name)
@@ -134,6 +142,19 @@ class Tracker:
         except Exception as exc:  # never lose a sweep's results over logging
             print(f"warning: tracking: could not finish the study run: {_one_line(exc)}",
                   file=sys.stderr)
+
+    def end_lost(self, trial, reason: str) -> None:
+        """Close the MLflow run of a trial whose worker died (it was left RUNNING)."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            return
+        try:
+            self.client.set_tag(run_id, "state", "FAIL")
+            self.client.set_tag(run_id, "fail_reason", reason)
+            self.client.set_terminated(run_id, "KILLED")
+        except Exception as exc:
+            print(f"warning: tracking: could not close run of trial {trial.number}: "
+                  f"{_one_line(exc)}", file=sys.stderr)
 
     # ---- trial level (workers) ----
     def start_trial(self, trial, spec, params: dict[str, Any]) -> "TrialRun":
@@ -209,7 +230,8 @@ class TrialRun:
         self._safe(finish)
 
     def _safe(self, fn) -> None:
-        if self.run_id is None and fn.__name__ != "start":
+        # After one failure the run is given up: no retry storms while training goes on.
+        if self.warned or (self.run_id is None and fn.__name__ != "start"):
             return
         try:
             fn()

@@ -1,0 +1,186 @@
+"""Kill -9, Ctrl-C, concurrent workers and a tracking outage: nothing finished is lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from ganbench import sweep
+from tests.conftest import cli_env, write_spec
+from tests.services import MlflowServer
+
+pytestmark = pytest.mark.slow
+SLOWER = {"steps": 300, "eval_every": 50, "eval_samples": 256, "batch_size": 64}
+
+
+def journal_study(folder, name):
+    backend = JournalFileBackend(str(folder / "runs" / name / "optuna.log"))
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def start(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "ganbench", *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if predicate():
+                return
+        except (KeyError, FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError
+
+
+def by_state(study, state):
+    return [t for t in study.get_trials() if t.state == state]
+
+
+def assert_complete_study(study, total):
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))  # unique, no gaps
+    assert not by_state(study, TrialState.RUNNING)
+    assert sweep.count_trials(trials) == (total, 0)
+
+
+def mlflow_runs(folder, name):
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    return [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("ganbench.role") == "trial"]
+
+
+def test_sigkill_then_rerun_loses_nothing(tmp_path):
+    spec = write_spec(tmp_path, name="killed", trials=6, train=SLOWER, tracking={})
+    proc = start(["sweep", str(spec), "--workers", "2"], tmp_path)
+    study = None
+
+    def two_running_one_done():
+        nonlocal study
+        study = study or journal_study(tmp_path, "killed")
+        trials = study.get_trials()
+        running = [t for t in trials if t.state == TrialState.RUNNING and "pid" in t.user_attrs]
+        return len(running) == 2 and any(t.state == TrialState.COMPLETE for t in trials)
+
+    wait_for(two_running_one_done)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t for t in study.get_trials()}
+    completed_before = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
+    killed = {n for n, t in before.items() if t.state == TrialState.RUNNING}
+    assert len(killed) == 2
+
+    rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec), "--workers",
+                            "2"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_study(study, 6)
+    trials = {t.number: t for t in study.get_trials()}
+    assert completed_before <= {n for n, t in trials.items() if t.state == TrialState.COMPLETE}
+    for n in killed:
+        lost = trials[n]
+        assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == "worker_died"
+        assert lost.user_attrs["fail_reason"].startswith("worker died (pid ")
+        retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == n]
+        assert len(retries) == 1 and retries[0].params == lost.params
+        assert retries[0].state == TrialState.COMPLETE
+    runs = mlflow_runs(tmp_path, "killed")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed_runs = [r for r in runs if r.data.tags.get("trial_number") in map(str, killed)]
+    assert {r.info.status for r in killed_runs} == {"KILLED"}
+
+
+def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
+    spec = write_spec(tmp_path, name="interrupted", trials=5, train=SLOWER, tracking=False)
+    proc = start(["sweep", str(spec), "--workers", "2"], tmp_path)
+    study = None
+
+    def running():
+        nonlocal study
+        study = study or journal_study(tmp_path, "interrupted")
+        return len([t for t in study.get_trials() if t.state == TrialState.RUNNING
+                    and "pid" in t.user_attrs]) == 2
+
+    wait_for(running)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in out + err and "Traceback" not in err
+    assert not by_state(study, TrialState.RUNNING)
+    stopped = [t for t in study.get_trials() if t.user_attrs.get("fail_kind") == "interrupted"]
+    assert len(stopped) == 2
+    rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec)],
+                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_study(study, 5)
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_four_workers_finish_exactly_n_each_logged_once(tmp_path, backend, request,
+                                                        mlflow_server):
+    name = f"four-{backend}"
+    args = ["sweep", str(write_spec(tmp_path, name=name, trials=8,
+                                    tracking={"uri": mlflow_server.url})), "--workers", "4"]
+    if backend == "postgresql":
+        args += ["--storage", request.getfixturevalue("postgres").url]
+    proc = subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=tmp_path,
+                          env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    if backend == "journal":
+        study = journal_study(tmp_path, name)
+    else:
+        storage = sweep.get_storage(sweep.StudySpec.model_validate(
+            {"name": name, "target": {"name": "ring"},
+             "storage": request.getfixturevalue("postgres").url}))
+        study = optuna.load_study(study_name=name, storage=storage)
+    assert_complete_study(study, 8)
+    assert len(study.get_trials()) == 8
+    assert len({t.user_attrs["pid"] for t in study.get_trials()}) == 4
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name(name)
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("ganbench.role") == "trial"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in runs) == list(range(8))
+    assert {t.user_attrs["mlflow_run_id"] for t in study.get_trials()} == \
+        {r.info.run_id for r in runs}
+
+
+def test_tracking_outage_does_not_stop_training(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    spec = write_spec(tmp_path, name="outage", trials=4, train=SLOWER,
+                      tracking={"uri": server.url})
+    proc = start(["sweep", str(spec), "--workers", "1"], tmp_path)
+    try:
+        study = None
+
+        def one_done():
+            nonlocal study
+            study = study or journal_study(tmp_path, "outage")
+            return len(by_state(study, TrialState.COMPLETE)) >= 1
+
+        wait_for(one_done)
+        server.stop()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, err
+    assert_complete_study(study, 4)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: tracking")]
+    assert 1 <= len(warnings) <= 4 + 1  # at most once per trial, plus the study run's end
+    report = subprocess.run([sys.executable, "-m", "ganbench", "report", str(spec)],
+                            cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "reports/outage/leaderboard.csv").exists()
