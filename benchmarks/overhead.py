@@ -5,7 +5,9 @@ in one process with one torch thread:
   (a) plain ``train()`` calls,
   (b) through the sweep worker (Optuna journal storage, ask/tell, reporting, pruning checks),
   (c) the same plus MLflow tracking (sqlite backend, curves, artifacts).
-Prints each total and the overheads relative to (a).
+Wall-clock totals of (a)-(c) differ by machine noise as much as by overhead, so the worker
+runs are also instrumented: the time spent in the harness (everything in the worker loop
+outside ``train()``) and in MLflow calls is summed directly and compared to training time.
 
     python benchmarks/overhead.py [--trials 4] [--steps 1500]
 """
@@ -36,7 +38,7 @@ def main() -> None:
     from ganbench.tracking import Tracker
     from ganbench.train import train
 
-    overrides = [f"train.steps={args.steps}", f"trials={args.trials}", "pruner.name=none"]
+    overrides = [f"train.steps={args.steps}", f"trials={args.trials}", "pruner={name: none}"]
     spec = load_spec(ROOT / "studies" / "mog.yaml", overrides)
     # Fixed parameter sets so the three variants train exactly the same models.
     grid = [{"noise_dim": 2 + i % 3, "hidden": 128, "lr_g": 5e-4, "lr_d": 5e-4,
@@ -46,6 +48,24 @@ def main() -> None:
     for params in grid:
         train(spec.trial_config(params))
     plain = time.perf_counter() - t0
+
+    import ganbench.tracking as tracking_mod
+
+    spent = {"train": 0.0, "tracking": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    sweep.train = timed(train, "train")
+    for name in ("__init__", "log_eval", "end"):
+        setattr(tracking_mod.TrialRun, name,
+                timed(getattr(tracking_mod.TrialRun, name), "tracking"))
 
     def through_sweep(tracking: bool) -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -57,8 +77,9 @@ def main() -> None:
                 for params in grid:
                     study.enqueue_trial(params)
                 tracker = None
-                if tracking:
-                    tracker = Tracker.for_study(s, s.model_dump(mode="json"), "journal")
+                if tracking:  # as in a worker process: attach() also loads the plotting stack
+                    handle = Tracker.for_study(s, s.model_dump(mode="json"), "journal").handle
+                    tracker = Tracker.attach(handle)
                 t = time.perf_counter()
                 sweep.worker_loop(s, "cpu", s.trials, tracker=tracker)
                 elapsed = time.perf_counter() - t
@@ -69,13 +90,22 @@ def main() -> None:
                 os.chdir(cwd)
 
     swept = through_sweep(False)
+    harness = swept - spent["train"]
+    spent.update(train=0.0, tracking=0.0)
     tracked = through_sweep(True)
+    # log_eval runs inside train(): subtract it to get pure training time.
+    log_eval_inside = spent["tracking"]
+    pure_train = spent["train"] - log_eval_inside
     print(f"{args.trials} trials of {args.steps} steps (studies/mog.yaml), one torch thread")
     print(f"  (a) plain train():          {plain:7.2f} s")
     print(f"  (b) sweep worker, journal:  {swept:7.2f} s   harness overhead "
           f"{100 * (swept - plain) / plain:+.1f}%")
     print(f"  (c) (b) + MLflow tracking:  {tracked:7.2f} s   tracking overhead "
           f"{100 * (tracked - swept) / plain:+.1f}%")
+    print(f"  instrumented, (b): harness time outside train() {harness:.2f} s = "
+          f"{100 * harness / (swept - harness):.2f}% of training time")
+    print(f"  instrumented, (c): time in MLflow calls {spent['tracking']:.2f} s = "
+          f"{100 * spent['tracking'] / pure_train:.2f}% of training time")
     sys.stdout.flush()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from ganbench.errors import GanbenchError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+FLUSH_SECONDS = 30.0  # curves of a running trial reach MLflow at least this often
 
 # A tracking server that went away must not stall training in long retry loops.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -123,7 +124,10 @@ class Tracker:
 
     @classmethod
     def attach(cls, handle: TrackingHandle) -> "Tracker":
-        """The tracker of a worker process."""
+        """The tracker of a worker process; loads the plotting stack up front (about a
+        second, once per worker) rather than inside the first trial."""
+        import ganbench.report  # noqa: F401
+
         return cls(handle)
 
     def finish(self, study) -> None:
@@ -169,6 +173,8 @@ class TrialRun:
         self.trial_number = trial.number
         self.run_id: str | None = None
         self.warned = False
+        self.pending: list[tuple[str, float, int, int]] = []
+        self.flushed = time.time()
         config = spec.trial_config(params)
         self.config = config
         name = f"{spec.target.name}__{config.loss}__t{trial.number}"
@@ -190,17 +196,30 @@ class TrialRun:
         self._safe(start)
 
     def log_eval(self, step: int, row: dict[str, float]) -> None:
-        """Curves: losses and metrics of one evaluation, in one batch."""
-        metrics = {k: float(v) for k, v in row.items() if k != "step"}
-        self._safe(lambda: _log_batch(self.client, self.run_id, metrics=metrics, step=step))
+        """Curves: losses and metrics of one evaluation. Buffered and sent in one batch at
+        most every FLUSH_SECONDS (each request costs tens of ms on a sqlite store)."""
+        now = int(time.time() * 1000)
+        self.pending += [(k, float(v), now, step) for k, v in row.items() if k != "step"]
+        if time.time() - self.flushed > FLUSH_SECONDS:
+            self._safe(self._flush)
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in self.pending if _finite(v)]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        self.pending, self.flushed = [], time.time()
 
     def end(self, state, final: dict[str, float], reason: str, result=None,
             killed: bool = False) -> None:
-        """Final metrics, samples PNG and config artifacts, tags, terminal status."""
+        """Final metrics, tags, samples PNG and config artifacts, terminal status."""
         def finish() -> None:
+            from mlflow.entities import RunTag
+
             step = result.steps if result is not None else 0
-            _log_batch(self.client, self.run_id, step=step,
-                       metrics={k: float(v) for k, v in final.items() if _finite(v)})
+            now = int(time.time() * 1000)
+            self.pending += [(k, float(v), now, step) for k, v in final.items()]
             tags = {"state": state.name}
             if reason:
                 tags["fail_reason" if state.name == "FAIL" else "reason"] = reason
@@ -208,22 +227,21 @@ class TrialRun:
                 tags["pruned"] = "true"
             if killed:
                 tags["interrupted"] = "true"
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
+            self._flush()
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.json").write_text(
                     json.dumps(self.config.to_dict(), indent=2, default=str))
-                self.client.log_artifact(self.run_id, str(Path(tmp) / "config.json"))
                 if result is not None and result.samples.numel():
                     from ganbench.report import save_samples_png
                     from ganbench.targets import get_target
 
                     tgt = get_target(self.config.target, **self.config.target_params)
-                    png = Path(tmp) / "samples.png"
-                    save_samples_png(png, result.samples.numpy(), result.reference.numpy(),
+                    save_samples_png(Path(tmp) / "samples.png", result.samples.numpy(),
+                                     result.reference.numpy(),
                                      None if tgt.centers is None else tgt.centers.numpy(),
                                      f"trial {self.trial_number} · {state.name.lower()}")
-                    self.client.log_artifact(self.run_id, str(png))
+                self.client.log_artifacts(self.run_id, tmp)
             status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}[state.name]
             self.client.set_terminated(self.run_id, "KILLED" if killed else status)
 
