@@ -226,7 +226,7 @@ def train(
             status, reason = "diverged", f"diverged at step {step} (non-finite loss)"
             break
         if on_step is not None and step % STEP_REPORT_EVERY == 0:
-            on_step(step, float(d_loss), float(g_loss))
+            on_step(step, float(d_loss.detach()), float(g_loss.detach()))
 
         # Evaluation on the fixed sample; the callback may stop the run (pruning).
         final = step == config.steps
