@@ -8,7 +8,6 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -330,6 +329,92 @@ def report_cmd(
         console.print(f"wrote {f}")
 
 
+@app.command("compare")
+def compare_cmd(
+    spec_path: Path = typer.Argument(..., help="Comparison YAML, e.g. studies/tricks.yaml.",
+                                     show_default=False),
+    quick: bool = typer.Option(False, "--quick", help="Smoke-sized run of the same pipeline "
+                               "(2 trials per arm, 2 seeds, 300 steps), as <name>-quick."),
+    sets: list[str] = SetOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices."),
+    storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
+) -> None:
+    """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
+    each best configuration on held-out seeds, test against the baseline arm."""
+    import pandas as pd
+
+    from ganbench import compare, sweep
+    from ganbench.report import compare_stats, write_compare_report
+    from ganbench.spec import load_compare, read_yaml
+
+    overrides = []
+    if quick:
+        overrides = compare.QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"]
+    for key, value in (("storage", storage), ("tracking.uri", tracking_uri),
+                       ("workers", workers)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    spec = load_compare(spec_path, overrides + list(sets))
+    first = spec.arm_study(spec.targets[0], spec.baseline)
+    sweep.check_spec(first, str(spec_path))
+    device_list = sweep.default_devices(spec.workers, devices.split(",") if devices else None)
+    root = None
+    if spec.tracking is not False:
+        from ganbench.tracking import Tracker, check_reachable, resolve_uri
+
+        check_reachable(resolve_uri(spec.tracking.uri))
+    sweep.get_storage(first)  # an unreachable storage fails here, before any training
+    if spec.tracking is not False:
+        root = Tracker.for_compare(spec, spec.model_dump(exclude_none=True, mode="json"))
+
+    def tracker_for(target: str, arm: str):
+        return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
+                                                "ganbench.study": spec.name, "arm": arm,
+                                                "target": target})
+
+    n = len(spec.targets) * len(spec.arms)
+    console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
+                  f"{len(spec.targets)} target(s) · {spec.mode}: budget {spec.budget} trials "
+                  f"per arm · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
+    step = iter(range(1, 2 * n + 1))
+    results = compare.run_compare(spec, device_list, tracker_for if root else None,
+                                  lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
+    rows, samples, references = [], {}, {}
+    for r in results:
+        study = sweep.open_study(spec.arm_study(
+            next(t for t in spec.targets if t.name == r.target), r.arm))
+        references[r.target] = study.user_attrs.get("reference")
+        for seed, out in r.seeds.items():
+            rows.append({"target": r.target, "arm": r.arm, "seed": seed} | {
+                k: v for k, v in out.items() if k not in ("samples",)})
+        first_seed = min(r.seeds)
+        samples[(r.target, r.arm)] = r.seeds[first_seed].get("samples")
+    runs = pd.DataFrame(rows)
+    out = Path("reports") / spec.name
+    files = write_compare_report(runs, spec.baseline, references, samples, out,
+                                 f"Comparison {spec.name}")
+    table = compare_stats(runs, spec.baseline)
+    for target, sub in table.groupby("target", sort=False):
+        t = Table(title=f"{target}: mean ± std over {spec.eval_seeds} held-out seeds "
+                        f"(p: Mann-Whitney U vs {spec.baseline}, Holm)")
+        metrics = list(dict.fromkeys(sub["metric"]))
+        t.add_column("arm")
+        for m in metrics:
+            t.add_column(m, justify="right")
+        for arm, g in sub.groupby("arm", sort=False):
+            cells = []
+            for m in metrics:
+                r = g[g["metric"] == m].iloc[0]
+                p = "" if arm == spec.baseline else f" p={r['p_holm']:.2g}"
+                cells.append(f"{r['mean']:.3g} ± {r['std']:.2g}{p}")
+            t.add_row(arm, *cells)
+        console.print(t)
+    if root is not None:
+        root.client.set_terminated(root.handle.parent_run_id, "FINISHED")
+    console.print(f"wrote {files[0]}, {files[1]} and {out / 'index.html'}")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
@@ -354,12 +439,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if hasattr(exc, "exit_code"):  # typer's usage errors and exits (its own click)
+            if hasattr(exc, "show"):
+                exc.show()
+            sys.exit(exc.exit_code)
+        raise
     sys.exit(0)

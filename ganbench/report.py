@@ -309,3 +309,162 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
         summary += f" (of {total} planned)"
     atomic_write_text(out / "index.html", html_page(title, f"Trials: {summary}.", sections))
     return files + [out / f for f in plots] + [out / "index.html"]
+
+
+# ---------------------------------------------------------------- comparisons
+COMPARE_METRICS = {"w1": "minimize", "sliced_w1": "minimize", "modes": "maximize",
+                   "hq": "maximize", "kl": "minimize"}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * p[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted.tolist()
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap confidence interval of the mean (``scipy.stats.bootstrap``, BCa,
+    percentile when BCa is undefined); a constant sample gives (mean, mean)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or np.ptp(values) == 0:
+        return float(values.mean()), float(values.mean())
+    for method in ("BCa", "percentile"):
+        res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=2000,
+                              method=method, rng=np.random.default_rng(seed))
+        low, high = res.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            return float(low), float(high)
+    return float("nan"), float("nan")
+
+
+def compare_stats(runs: "pd.DataFrame", baseline: str,
+                  metrics: dict[str, str] | None = None) -> "pd.DataFrame":
+    """Per target, arm and metric: n, mean, std, 95% bootstrap CI, rank, two-sided
+    Mann-Whitney U p-value against the baseline arm and its Holm-adjusted value.
+
+    ``runs`` has one row per (target, arm, seed) with a column per metric.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    metrics = metrics or {m: d for m, d in COMPARE_METRICS.items() if m in runs}
+    rows = []
+    for (target, metric), direction in [((t, m), d) for t in runs["target"].unique()
+                                        for m, d in metrics.items()]:
+        sub = runs[runs["target"] == target]
+        if sub[metric].isna().all():
+            continue
+        base = sub.loc[sub["arm"] == baseline, metric].to_numpy(float)
+        block = []
+        for arm, group in sub.groupby("arm", sort=False):
+            vals = group[metric].to_numpy(float)
+            low, high = bootstrap_ci(vals)
+            p = float("nan")
+            if arm != baseline and len(vals) and len(base):
+                p = float(stats.mannwhitneyu(vals, base, alternative="two-sided").pvalue)
+            block.append({"arm": arm, "target": target, "metric": metric, "n": len(vals),
+                          "mean": float(vals.mean()), "std": float(vals.std(ddof=1))
+                          if len(vals) > 1 else 0.0, "ci_low": low, "ci_high": high,
+                          "p_value": p})
+        means = pd.Series([b["mean"] for b in block])
+        ranks = means.rank(ascending=direction == "minimize", method="min")
+        tested = [i for i, b in enumerate(block) if not np.isnan(b["p_value"])]
+        adjusted = holm([block[i]["p_value"] for i in tested]) if tested else []
+        for i, b in enumerate(block):
+            b["rank"] = int(ranks[i])
+            b["p_holm"] = adjusted[tested.index(i)] if i in tested else float("nan")
+        rows += block
+    cols = ["arm", "target", "metric", "n", "mean", "std", "ci_low", "ci_high", "rank",
+            "p_value", "p_holm"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def compare_markdown(table: "pd.DataFrame", baseline: str) -> str:
+    """One table per target: arms as rows, 'mean ± std [CI]' per metric, p vs baseline."""
+    out = []
+    for target, sub in table.groupby("target", sort=False):
+        metrics = list(dict.fromkeys(sub["metric"]))
+        lines = [f"### {target}\n",
+                 "| arm | " + " | ".join(f"{m} ({'↓' if COMPARE_METRICS[m] == 'minimize' else '↑'})"
+                                       for m in metrics) + " |",
+                 "|---|" + "---|" * len(metrics)]
+        for arm, rows in sub.groupby("arm", sort=False):
+            cells = []
+            for m in metrics:
+                r = rows[rows["metric"] == m].iloc[0]
+                cell = f"{r['mean']:.3g} ± {r['std']:.2g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+                if arm != baseline and not np.isnan(r["p_holm"]):
+                    cell += f" p={r['p_holm']:.2g}"
+                cells.append(cell + f" #{int(r['rank'])}")
+            name = f"{arm} (baseline)" if arm == baseline else arm
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    legend = ("mean ± std over held-out seeds [95% bootstrap CI], p = two-sided Mann-Whitney U "
+              "vs the baseline, Holm-adjusted per target and metric; #rank among arms.\n")
+    return legend + "\n" + "\n".join(out)
+
+
+def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
+    """Box plot of one metric: one panel per target, one box per arm (points overlaid)."""
+    targets = list(dict.fromkeys(runs["target"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        sub = runs[runs["target"] == target]
+        arms = list(dict.fromkeys(sub["arm"]))
+        data = [sub.loc[sub["arm"] == a, metric].to_numpy(float) for a in arms]
+        data = [d[np.isfinite(d)] for d in data]
+        ax.boxplot(data, tick_labels=arms)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(np.full(len(d), i), d, s=10, c="#1f77b4", zorder=3)
+        arrow = "lower" if COMPARE_METRICS[metric] == "minimize" else "higher"
+        ax.set_title(f"{target}: {metric} ({arrow} is better)", fontsize=10)
+        ax.tick_params(axis="x", rotation=35, labelsize=8)
+    _save(fig, path)
+
+
+def write_compare_report(runs: "pd.DataFrame", baseline: str, references: dict[str, Any],
+                         samples: dict[tuple[str, str], Any], out_dir: str | os.PathLike,
+                         title: str) -> list[Path]:
+    """compare.csv / compare.md / runs.csv, box plots, a sample grid and index.html."""
+    out = Path(out_dir)
+    table = compare_stats(runs, baseline)
+    atomic_write_text(out / "compare.csv", table.to_csv(index=False))
+    atomic_write_text(out / "compare.md", compare_markdown(table, baseline))
+    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
+    files = [out / "compare.csv", out / "compare.md", out / "runs.csv"]
+    figures = []
+    for metric in table["metric"].unique():
+        compare_boxplots(runs, metric, out / f"box_{metric}.png")
+        figures.append((f"box_{metric}.png", f"{metric} over held-out seeds"))
+    targets = list(dict.fromkeys(runs["target"]))
+    arms = list(dict.fromkeys(runs["arm"]))
+    panels = []
+    for arm in arms:
+        for target in targets:
+            ref = references.get(target) or {}
+            s = samples.get((target, arm))
+            pts = np.array(s) if s else np.empty((0, 2))
+            panels.append((pts, np.array(ref.get("points", np.empty((0, 2)))),
+                           None if not ref.get("centers") else np.array(ref["centers"]),
+                           f"{arm} · {target}"))
+    if panels:
+        save_samples_grid(out / "samples.png", panels, columns=len(targets))
+        figures.append(("samples.png", "Generated samples of the first held-out seed: "
+                        "one row per arm"))
+    sections = [("Results", f"<pre>{compare_markdown(table, baseline)}</pre>"
+                 "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-seed values: "
+                 "<a href='runs.csv'>runs.csv</a>.</p>")]
+    sections += [(caption, f"<figure><img src='{f}' alt='{caption}'></figure>")
+                 for f, caption in figures]
+    atomic_write_text(out / "index.html", html_page(title, f"Baseline arm: {baseline}.",
+                                                    sections))
+    return files + [out / f for f, _ in figures] + [out / "index.html"]

@@ -23,7 +23,7 @@ from ganbench.train import TrainConfig
 TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "eval_samples", "eval_seed", "optimizer",
                 "lr_g", "lr_d", "beta1", "beta2", "momentum", "d_steps", "device", "dtype")
 MODEL_FIELDS = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
-                "spectral_norm", "pack")
+                "spectral_norm", "g_spectral_norm", "pack", "tricks")
 SEARCHABLE = tuple(f for f in TRAIN_FIELDS + MODEL_FIELDS
                    if f not in ("eval_every", "eval_samples", "eval_seed", "device", "dtype"))
 # Objective metrics and their natural direction.
@@ -177,8 +177,9 @@ class StudySpec(BaseModel):
         return out
 
     def trial_config(self, params: dict[str, Any], seed: int = 0) -> TrainConfig:
-        """The trainer config for sampled ``params`` and ``seed``."""
-        return TrainConfig(**(self.fixed() | params | {"seed": seed}))
+        """The trainer config for sampled ``params`` and ``seed``; ``tricks.<name>.<param>``
+        parameters go into the config's tricks."""
+        return TrainConfig(**merge_params(self.fixed(), params) | {"seed": seed})
 
     @property
     def directions(self) -> list[str]:
@@ -187,6 +188,21 @@ class StudySpec(BaseModel):
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+
+def merge_params(fixed: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Fixed trainer fields updated by sampled ones; dotted trick parameters are nested."""
+    out = dict(fixed)
+    tricks = {k: dict(v or {}) for k, v in (out.get("tricks") or {}).items()}
+    for key, value in params.items():
+        if key.startswith("tricks."):
+            _, name, param = key.split(".", 2)
+            tricks.setdefault(name, {})[param] = value
+        else:
+            out[key] = value
+    if tricks:
+        out["tricks"] = tricks
+    return out
 
 
 def _dotted(loc: tuple) -> str:
@@ -272,6 +288,9 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
     except GanbenchError as exc:
         raise SpecError(path, "target", str(exc)) from None
     for key in spec.search:
+        if key.startswith("tricks."):
+            _check_trick_key(key, path)
+            continue
         if key not in SEARCHABLE:
             raise SpecError(path, f"search.{key}",
                             f"not a searchable field; choose from: {', '.join(SEARCHABLE)}")
@@ -285,6 +304,8 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
     except GanbenchError as exc:
         section = "train" if exc.field in TRAIN_FIELDS else "model"
         raise SpecError(path, f"{section}.{exc.field}", str(exc)) from None
+    except TypeError as exc:
+        raise SpecError(path, "model", str(exc)) from None
     for key, dist in spec.search.items():
         for value in dist.ends():
             try:
@@ -303,3 +324,81 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
     if spec.storage is not None and not STORAGE_URL.match(spec.storage):
         raise SpecError(path, "storage", f"expected sqlite:///PATH or "
                         f"postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, got {spec.storage!r}")
+
+
+def _check_trick_key(key: str, path: str) -> None:
+    from ganbench.tricks import TRICKS
+
+    parts = key.split(".")
+    if len(parts) != 3 or parts[1] not in TRICKS or parts[2] not in TRICKS[parts[1]].params:
+        choices = ", ".join(f"tricks.{n}.{p}" for n, c in TRICKS.items() for p in c.params)
+        raise SpecError(path, f"search.{key}", f"not a trick parameter; choose from: {choices}")
+
+
+# ---------------------------------------------------------------- comparisons
+ArmSection = _section("ArmSection", MODEL_FIELDS + TRAIN_FIELDS)
+
+
+class CompareSpec(BaseModel):
+    """A budget-fair comparison of arms (loss + tricks + fixed values) over held-out seeds."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    targets: list[TargetSpec] = Field(min_length=1)
+    train: TrainSection = Field(default_factory=TrainSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    arms: dict[str, ArmSection] = Field(min_length=1)
+    baseline: str
+    mode: Literal["tune", "fixed"] = "tune"
+    budget: int = Field(8, gt=0)           # trials per arm and target, the same for every arm
+    eval_seeds: int = Field(5, ge=2)       # retrains of each arm's best config, held out
+    objective: Objective = Field(default_factory=lambda: Objective(metric="w1"))
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    storage: str | None = None
+    tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
+    workers: int | None = Field(None, gt=0)
+
+    def arm_study(self, target: TargetSpec, arm: str) -> StudySpec:
+        """The Optuna study that tunes one arm on one target (the arm's fixed values win
+        over the shared search space)."""
+        fixed = {k: v for k, v in self.arms[arm].model_dump().items() if v is not None}
+        train = self.train.model_dump(exclude_none=True) | {
+            k: v for k, v in fixed.items() if k in TRAIN_FIELDS}
+        model = self.model.model_dump(exclude_none=True) | {
+            k: v for k, v in fixed.items() if k in MODEL_FIELDS}
+        search = {k: d for k, d in self.search.items()
+                  if k not in fixed and not (k.startswith("tricks.")
+                                              and k.split(".")[1] not in model.get("tricks", {}))}
+        return StudySpec(
+            name=f"{self.name}__{target.name}__{arm}", target=target, train=train,
+            model=model, search=search if self.mode == "tune" else {},
+            objectives=[self.objective], sampler=self.sampler, pruner=self.pruner,
+            trials=self.budget if self.mode == "tune" else 1, storage=self.storage,
+            tracking=self.tracking, workers=self.workers)
+
+
+def load_compare(path: str | Path, overrides: list[str] | None = None) -> CompareSpec:
+    """Read, override and validate a comparison file; every arm × target study is checked."""
+    raw = apply_overrides(read_yaml(path), overrides or [], str(path))
+    p = str(path)
+    try:
+        spec = CompareSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(p, _dotted(err["loc"]), _pydantic_message(err)) from None
+    if spec.baseline not in spec.arms:
+        raise SpecError(p, "baseline", f"no arm named {spec.baseline!r}; arms: "
+                        f"{', '.join(spec.arms)}")
+    for arm in spec.arms:
+        for target in spec.targets:
+            try:
+                _check_semantics(validate_spec(
+                    spec.arm_study(target, arm).model_dump(exclude_none=True), p), p)
+            except SpecError as exc:
+                field = exc.field
+                if field.startswith(("model.", "train.")):
+                    field = f"arms.{arm}.{field.split('.', 1)[1]}"
+                raise SpecError(p, field, exc.message) from None
+    return spec

@@ -187,7 +187,8 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
 PLOT_POINTS = 500  # samples kept per trial (and of the target) for the report's scatters
 
 
-def _points(x) -> list[list[float]]:
+def points(x) -> list[list[float]]:
+    """The first PLOT_POINTS samples' first two coordinates, rounded (for JSON storage)."""
     return [[round(float(v), 4) for v in row[:2]] for row in x[:PLOT_POINTS].tolist()]
 
 
@@ -200,9 +201,9 @@ def plot_reference(spec: StudySpec) -> dict[str, Any]:
 
     target = get_target(spec.target.name, **spec.target.params())
     config = spec.trial_config({})
-    points = target.sample(PLOT_POINTS, torch.Generator().manual_seed(config.eval_seed))
-    centers = None if target.centers is None else _points(target.centers)
-    return {"points": _points(points), "centers": centers, "dim": target.dim}
+    sample = target.sample(PLOT_POINTS, torch.Generator().manual_seed(config.eval_seed))
+    centers = None if target.centers is None else points(target.centers)
+    return {"points": points(sample), "centers": centers, "dim": target.dim}
 
 
 # ---------------------------------------------------------------- counting and recovery
@@ -365,7 +366,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
 
             result = train(config, on_eval=on_eval)
             if i == 0 and result.samples.numel():
-                storage.set_trial_user_attr(trial._trial_id, "samples", _points(result.samples))
+                storage.set_trial_user_attr(trial._trial_id, "samples", points(result.samples))
             if result.status == "stopped":
                 state, reason = TrialState.PRUNED, f"pruned at step {result.steps}"
                 break

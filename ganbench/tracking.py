@@ -96,31 +96,64 @@ class Tracker:
     @classmethod
     def for_study(cls, spec, raw_spec: dict, storage_label: str) -> "Tracker":
         """Find or create the study's parent run (resumed sweeps reuse it)."""
+        tags = {"storage": storage_label, "sampler": spec.sampler.name,
+                "pruner": spec.pruner.name, "target": spec.target.name,
+                "objectives": ",".join(f"{o.metric}:{o.direction}" for o in spec.objectives)}
+        return cls._root(spec, "study", tags, raw_spec)
+
+    @classmethod
+    def for_compare(cls, spec, raw_spec: dict) -> "Tracker":
+        """Find or create a comparison's parent run."""
+        tags = {"baseline": spec.baseline, "mode": spec.mode, "budget": str(spec.budget),
+                "targets": ",".join(t.name for t in spec.targets)}
+        return cls._root(spec, "compare", tags, raw_spec)
+
+    @classmethod
+    def _root(cls, spec, role: str, tags: dict[str, str], raw_spec: dict) -> "Tracker":
         uri = resolve_uri(spec.tracking.uri if spec.tracking else None)
         check_reachable(uri)
         client = _client(uri)
         try:
             exp = client.get_experiment_by_name(spec.name)
             exp_id = exp.experiment_id if exp else client.create_experiment(spec.name)
-            found = client.search_runs(
-                [exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'study' and "
-                f"tags.`{STUDY_TAG}` = '{spec.name}'", max_results=1)
+            run_id = _find_or_create(client, exp_id, spec.name, {ROLE_TAG: role,
+                                     STUDY_TAG: spec.name} | tags, raw_spec)
+        except GanbenchError:
+            raise
         except Exception as exc:
             raise GanbenchError(f"tracking {uri}: {_one_line(exc)}") from None
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run = client.create_run(exp_id, run_name=spec.name, tags={
-                ROLE_TAG: "study", STUDY_TAG: spec.name, "storage": storage_label,
-                "sampler": spec.sampler.name, "pruner": spec.pruner.name,
-                "target": spec.target.name,
-                "objectives": ",".join(f"{o.metric}:{o.direction}" for o in spec.objectives),
-            })
-            run_id = run.info.run_id
-            params = {k: _param(v) for k, v in flatten(raw_spec).items()}
-            _log_batch(client, run_id, params=params)
         return cls(TrackingHandle(uri, exp_id, run_id))
+
+    def nested(self, name: str, tags: dict[str, str], params: dict | None = None
+               ) -> "Tracker":
+        """A tracker whose runs nest under a (found or new) child run of this one."""
+        run_id = _find_or_create(self.client, self.handle.experiment_id, name, tags | {
+            "mlflow.parentRunId": self.handle.parent_run_id}, params or {})
+        return Tracker(TrackingHandle(self.handle.uri, self.handle.experiment_id, run_id))
+
+    def log_eval_seed(self, target: str, arm: str, seed: int, params: dict, out: dict,
+                      study_spec) -> None:
+        """One held-out evaluation run (nested under the arm's run)."""
+        try:
+            from mlflow.entities import RunTag
+
+            run = self.client.create_run(self.handle.experiment_id,
+                                         run_name=f"{target}__{arm}__s{seed}", tags={
+                "mlflow.parentRunId": self.handle.parent_run_id, ROLE_TAG: "eval",
+                "target": target, "arm": arm, "seed": str(seed), "state": out["status"]})
+            config = study_spec.trial_config(params, seed=seed)
+            flat = flatten({"model": {k: getattr(config, k) for k in _MODEL},
+                            "train": {k: getattr(config, k) for k in _TRAIN}, "seed": seed})
+            _log_batch(self.client, run.info.run_id,
+                       params={k: _param(v) for k, v in flat.items()},
+                       metrics={k: v for k, v in out.items() if isinstance(v, float)})
+            if out.get("reason"):
+                self.client.log_batch(run.info.run_id, tags=[RunTag("reason", out["reason"])])
+            self.client.set_terminated(run.info.run_id,
+                                       "FINISHED" if out["status"] == "completed" else "FAILED")
+        except Exception as exc:
+            print(f"warning: tracking: eval run {target}/{arm}/seed {seed}: {_one_line(exc)}",
+                  file=sys.stderr)
 
     @classmethod
     def attach(cls, handle: TrackingHandle) -> "Tracker":
@@ -263,7 +296,24 @@ class TrialRun:
 _TRAIN = ("steps", "batch_size", "eval_every", "eval_samples", "optimizer", "lr_g", "lr_d",
           "beta1", "beta2", "momentum", "d_steps")
 _MODEL = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
-          "spectral_norm", "pack")
+          "spectral_norm", "g_spectral_norm", "pack", "tricks")
+
+
+def _find_or_create(client, exp_id: str, name: str, tags: dict[str, str],
+                    params: dict) -> str:
+    """The run with these role/study/parent tags, or a new one holding ``params``."""
+    keys = [k for k in (ROLE_TAG, STUDY_TAG, "mlflow.parentRunId", "arm", "target")
+            if k in tags]
+    query = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in keys)
+    found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    _log_batch(client, run.info.run_id,
+               params={k: _param(v) for k, v in flatten(params).items()})
+    return run.info.run_id
 
 
 def _finite(v: Any) -> bool:

@@ -20,6 +20,7 @@ from ganbench.errors import GanbenchError, lookup
 from ganbench.losses import LOSSES, get_loss
 from ganbench.models import ACTIVATIONS, Discriminator, Generator
 from ganbench.targets import Target, get_target
+from ganbench.tricks import build_tricks, validate_tricks
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -40,6 +41,7 @@ class TrainConfig:
     d_hidden: int | list[int] | None = None   # overrides `hidden` for D
     activation: str = "relu"                  # hidden activation of both networks
     spectral_norm: bool = False               # spectral norm on every layer of D
+    g_spectral_norm: bool = False             # spectral norm on every layer of G
     pack: int = 1                             # PacGAN packing: samples per D input
     optimizer: str = "adam"                   # adam | rmsprop | sgd (momentum)
     lr_g: float = 1e-3                        # generator learning rate
@@ -56,6 +58,7 @@ class TrainConfig:
     seed: int = 0                             # model init, data and noise
     device: str = "auto"                      # auto | cpu | cuda | cuda:N
     dtype: str = "float32"                    # float32 | float64
+    tricks: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"gp": {"weight": 10}}
 
     def widths(self, which: str) -> list[int]:
         """Hidden widths of ``which`` ("g" or "d")."""
@@ -93,6 +96,7 @@ class TrainConfig:
             raise GanbenchError(f"eval_samples ({self.eval_samples}) must be divisible by pack",
                                 "pack")
         resolve_device(self.device)
+        validate_tricks(self.tricks, self.loss)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +145,8 @@ def build_models(config: TrainConfig, target: Target) -> tuple[Generator, Discri
     """Generator and discriminator for ``config``, initialised from ``config.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        g = Generator(config.noise_dim, config.widths("g"), target.dim, config.activation)
+        g = Generator(config.noise_dim, config.widths("g"), target.dim, config.activation,
+                      config.g_spectral_norm)
         d = Discriminator(target.dim, config.widths("d"), config.activation,
                           config.spectral_norm, config.pack)
     return g, d
@@ -174,11 +179,18 @@ def train(
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     target = get_target(config.target, **config.target_params)
     loss = get_loss(config.loss)
-    g, d = build_models(config, target)
+    # Tricks may change how the models are built (spectral norm, packing): on a copy.
+    tricks = build_tricks(config.tricks)
+    built = dataclasses.replace(config, tricks=dict(config.tricks))
+    for t in tricks:
+        t.configure(built)
+    g, d = build_models(built, target)
     g.to(device, dtype)
     d.to(device, dtype)
     opt_g = make_optimizer(config, g.parameters(), config.lr_g)
     opt_d = make_optimizer(config, d.parameters(), config.lr_d)
+    for t in tricks:
+        t.setup(g, d, built)
     rng = torch.Generator(device).manual_seed(config.seed)
 
     # The fixed evaluation sample: the same target points and noise for every trial.
@@ -191,8 +203,9 @@ def train(
         return torch.randn(n, config.noise_dim, generator=rng, device=device, dtype=dtype)
 
     def evaluate(exact: bool) -> tuple[dict[str, float], torch.Tensor]:
+        g_eval = next((m for t in tricks if (m := t.eval_generator(g)) is not None), g)
         with torch.no_grad():
-            samples = g(z_eval).to("cpu", torch.float64)
+            samples = g_eval(z_eval).to("cpu", torch.float64)
         proj_gen = torch.Generator().manual_seed(config.eval_seed)
         return M.evaluate(samples, reference, target.centers, target.std, target.weights,
                           exact=exact, generator=proj_gen), samples
@@ -210,15 +223,35 @@ def train(
             real = target.sample(B, rng).to(dtype)
             with torch.no_grad():
                 fake = g(noise(B))
-            d_loss = loss.d(d(real), d(fake))
+            for t in tricks:
+                real, fake = t.d_inputs(real, fake, step)
+            d_real, d_fake = d(real), d(fake)
+            d_loss = next((v for t in tricks if (v := t.d_loss(loss, d_real, d_fake))
+                           is not None), None)
+            d_loss = loss.d(d_real, d_fake) if d_loss is None else d_loss
+            for t in tricks:
+                penalty = t.d_penalty(d, real, fake)
+                if penalty is not None:
+                    d_loss = d_loss + penalty
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            for t in tricks:
+                t.before_step(list(d.parameters()))
             opt_d.step()
-        # Generator: one update through the current discriminator.
-        g_loss = loss.g(d(g(noise(B))))
+            for t in tricks:
+                t.after_d_step(d)
+        # Generator: one update through the current (or an unrolled) discriminator.
+        fake = g(noise(B))
+        logits = next((v for t in tricks if (v := t.g_logits(
+            d, fake, lambda: target.sample(B, rng).to(dtype), loss.d)) is not None), None)
+        g_loss = loss.g(d(fake) if logits is None else logits)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
+        for t in tricks:
+            t.before_step(list(g.parameters()))
         opt_g.step()
+        for t in tricks:
+            t.after_g_step(g)
 
         # Divergence: a non-finite loss stops the run with the step it happened at.
         d_sum, g_sum, n_since = d_sum + d_loss.detach(), g_sum + g_loss.detach(), n_since + 1
