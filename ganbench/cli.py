@@ -31,7 +31,8 @@ def _parse_hidden(value: str) -> int | list[int]:
     try:
         widths = [int(v) for v in value.split(",")]
     except ValueError:
-        raise GanbenchError(f"--hidden: expected an int or comma-separated ints, got {value!r}")
+        raise GanbenchError(
+            f"--hidden: expected an int or comma-separated ints, got {value!r}") from None
     return widths[0] if len(widths) == 1 else widths
 
 
@@ -160,7 +161,7 @@ def _print_leaderboard(spec, study, top: int = 10) -> None:
     out = Path("reports") / spec.name
     files = write_leaderboard(frame, out)
     shown = frame[frame["pareto"]] if pareto else frame[frame["state"] == "COMPLETE"].head(top)
-    title = ("Pareto front" if pareto else f"best trials") + f" ({_objective_label(spec)})"
+    title = ("Pareto front" if pareto else "best trials") + f" ({_objective_label(spec)})"
     table = Table(title=title)
     cols = ["number"] + [f"objective_{m}" for m, _ in objectives] + list(spec.search) + [
         c for c in ("w1", "modes", "hq", "kl") if c in frame and f"objective_{c}" not in frame]
@@ -273,8 +274,9 @@ def worker_cmd(
     study, tracking = _open(spec)
     sweep.recover_dead_workers(study, tracking and tracking.end_lost)
     deadline = time.time() + spec.timeout if spec.timeout else None
-    console.print(f"worker on {dev} joined study [bold]{spec.name}[/] "
-                  f"({'journal ' + str(sweep.run_dir(spec) / 'optuna.log') if spec.storage is None else 'RDB storage'})")
+    where = (f"journal {sweep.run_dir(spec) / 'optuna.log'}" if spec.storage is None
+             else "RDB storage")
+    console.print(f"worker on {dev} joined study [bold]{spec.name}[/] ({where})")
 
     def on_trial(o) -> None:
         vals = ", ".join(f"{v:.4g}" for v in o.values) if o.values else o.reason
@@ -417,9 +419,9 @@ def compare_cmd(
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-        "{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-        console=console, transient=False,
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=False,
     )
 
 

@@ -353,9 +353,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
             config = spec.trial_config(params, seed=i)
             config.device = device
 
-            def on_eval(step: int, row: dict[str, float], i: int = i) -> bool:
+            def on_eval(step: int, row: dict[str, float], i: int = i,
+                        offset: int = i * config.steps) -> bool:
                 if run is not None:
-                    run.log_eval(step + i * config.steps, row)
+                    run.log_eval(step + offset, row)
                 # Pruning follows the first seed's curve (Optuna needs one value per step).
                 if i > 0 or spec.multi_objective:
                     return False

@@ -67,3 +67,13 @@ def write_spec(folder, **changes) -> "os.PathLike":
     path = folder / f"{data['name']}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def ganbench(*args, cwd, env=None, timeout=900):
+    """Run the CLI as a user would, in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd,
+                          env=env or cli_env(), capture_output=True, text=True,
+                          timeout=timeout)

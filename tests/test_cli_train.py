@@ -1,15 +1,8 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import cli_env
-
-
-def ganbench(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
+from tests.conftest import ganbench
 
 
 def test_train_writes_metrics_and_scatter(tmp_path):

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -11,7 +9,7 @@ from ganbench.compare import eval_seeds, search_seeds
 from ganbench.errors import SpecError
 from ganbench.report import bootstrap_ci, holm
 from ganbench.spec import load_compare
-from tests.conftest import cli_env
+from tests.conftest import ganbench
 
 COMPARE = {
     "name": "cmp",
@@ -34,9 +32,6 @@ def write(folder, **changes):
     return path
 
 
-def ganbench(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=900)
 
 
 def test_holm_known_values():

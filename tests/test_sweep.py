@@ -1,7 +1,5 @@
-import os
 import socket
 import subprocess
-import sys
 
 import optuna
 import pytest
@@ -10,12 +8,7 @@ from optuna.trial import TrialState
 from ganbench import sweep
 from ganbench.report import trials_frame
 from ganbench.spec import load_spec
-from tests.conftest import cli_env, write_spec
-
-
-def ganbench(*args, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+from tests.conftest import ganbench, write_spec
 
 
 def states(study):
@@ -184,7 +177,7 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(in_tmp, args, needle):
     assert sorted(p.name for p in in_tmp.iterdir()) == ["tiny.yaml"]
 
 
-@pytest.mark.parametrize("command", ["sweep", "worker", "status"])
+@pytest.mark.parametrize("command", ["sweep", "worker", "status", "report", "compare"])
 def test_every_study_command_reports_a_missing_spec(in_tmp, command):
     proc = ganbench(command, "nope.yaml", cwd=in_tmp)
     assert proc.returncode == 2 and proc.stderr == "error: nope.yaml: file not found\n"

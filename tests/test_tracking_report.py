@@ -1,21 +1,16 @@
 """A real `mlflow server`, a real two-worker sweep, and the report read back from storage."""
 
-import subprocess
-import sys
 
 import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import cli_env, write_spec
+from tests.conftest import cli_env, ganbench, write_spec
 
 pytestmark = pytest.mark.slow
 
 
-def ganbench(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "ganbench", *args], cwd=cwd,
-                          env=env or cli_env(), capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
