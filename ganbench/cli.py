@@ -220,9 +220,13 @@ def sweep_cmd(
                             info=_status_line(spec, snap))
 
         try:
+            if tracking is not None:
+                tracking.close_orphans(study)
             sweep.run_sweep(spec, device_list, tracking and tracking.handle, on_poll,
                             on_lost=tracking and tracking.end_lost)
         except KeyboardInterrupt:
+            if tracking is not None:
+                tracking.close_orphans(study)
             progress.stop()
             _print_leaderboard(spec, study)
             console.print("[yellow]interrupted: running trials were marked; rerun the same "

@@ -255,8 +255,8 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, kind: str, reason: str) 
 
 
 def recover_dead_workers(study: optuna.Study,
-                         on_lost: Callable[[FrozenTrial, str], None] | None = None
-                         ) -> list[int]:
+                         on_lost: Callable[[FrozenTrial, str], None] | None = None,
+                         kind: str = WORKER_DIED) -> list[int]:
     """Fail and re-queue RUNNING trials whose worker was a process of this host that is gone;
     ``on_lost(trial, reason)`` lets the caller close what else the trial had open (its
     MLflow run).
@@ -269,8 +269,9 @@ def recover_dead_workers(study: optuna.Study,
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w_host, w_pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
         if w_host == host and isinstance(w_pid, int) and not _pid_alive(w_pid):
-            reason = f"worker died (pid {w_pid} on {host})"
-            fail_trial(study, trial, WORKER_DIED, reason)
+            reason = (f"worker died (pid {w_pid} on {host})" if kind == WORKER_DIED
+                      else "interrupted (Ctrl-C)")
+            fail_trial(study, trial, kind, reason)
             if on_lost is not None:
                 on_lost(trial, reason)
             recovered.append(trial.number)
@@ -340,15 +341,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
     FAIL (counted, reason in ``fail_reason``); Ctrl-C → FAIL (not counted, re-queued).
     """
     storage = study._storage
-    storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
-    storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
-    storage.set_trial_user_attr(trial._trial_id, "device", device)
-    params = suggest(trial, spec)
-    run = tracker.start_trial(trial, spec, params) if tracker else None
     seeds_metrics: list[dict[str, float]] = []
     state, reason, values = TrialState.COMPLETE, "", None
     result: TrainResult | None = None
+    run = None
     try:
+        storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
+        storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
+        storage.set_trial_user_attr(trial._trial_id, "device", device)
+        params = suggest(trial, spec)
+        run = tracker.start_trial(trial, spec, params) if tracker else None
         for i in range(spec.seeds):
             config = spec.trial_config(params, seed=i)
             config.device = device
@@ -582,6 +584,9 @@ def run_sweep(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=5)
+        # A worker stopped between asking a trial and starting it leaves it RUNNING.
+        recover_dead_workers(study, on_lost, kind=INTERRUPTED)
         raise
     snap = snapshot(study, spec, total)
     if on_poll:

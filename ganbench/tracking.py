@@ -193,6 +193,28 @@ class Tracker:
             print(f"warning: tracking: could not close run of trial {trial.number}: "
                   f"{_one_line(exc)}", file=sys.stderr)
 
+    def close_orphans(self, study) -> int:
+        """End child runs left RUNNING whose Optuna trial is not running any more (a worker
+        killed or interrupted between creating the run and recording it in Optuna)."""
+        try:
+            running = {str(t.number) for t in study.get_trials(deepcopy=False)
+                       if t.state.name == "RUNNING"}
+            runs = self.client.search_runs(
+                [self.handle.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.handle.parent_run_id}' "
+                              "and attributes.status = 'RUNNING'")
+            closed = 0
+            for run in runs:
+                if run.data.tags.get("trial_number") not in running:
+                    self.client.set_tag(run.info.run_id, "state", "FAIL")
+                    self.client.set_terminated(run.info.run_id, "KILLED")
+                    closed += 1
+            return closed
+        except Exception as exc:
+            print(f"warning: tracking: could not close orphaned runs: {_one_line(exc)}",
+                  file=sys.stderr)
+            return 0
+
     # ---- trial level (workers) ----
     def start_trial(self, trial, spec, params: dict[str, Any]) -> "TrialRun":
         return TrialRun(self, trial, spec, params)

@@ -102,7 +102,7 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
 
 
 def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
-    spec = write_spec(tmp_path, name="interrupted", trials=5, train=SLOWER, tracking=False)
+    spec = write_spec(tmp_path, name="interrupted", trials=5, train=SLOWER, tracking={})
     proc = start(["sweep", str(spec), "--workers", "2"], tmp_path)
     study = None
 
@@ -120,6 +120,11 @@ def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
     assert not by_state(study, TrialState.RUNNING)
     stopped = [t for t in study.get_trials() if t.user_attrs.get("fail_kind") == "interrupted"]
     assert len(stopped) == 2
+    runs = {r.data.tags["trial_number"]: r for r in mlflow_runs(tmp_path, "interrupted")}
+    # A trial interrupted before its MLflow run was created has none; the others are KILLED.
+    assert {runs[str(t.number)].info.status for t in stopped if str(t.number) in runs} <= \
+        {"KILLED"}
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
     rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec)],
                            cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                            timeout=600)

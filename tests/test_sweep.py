@@ -88,6 +88,21 @@ def test_multi_objective_yields_a_pareto_table(in_tmp):
                        | (done["objective_modes"] > p["objective_modes"]))).any()
 
 
+def test_multi_objective_report_has_the_pareto_front(in_tmp):
+    from ganbench.report import write_study_report
+
+    spec = load_spec(write_spec(
+        in_tmp, trials=4, objectives=[{"metric": "w1"}, {"metric": "modes"}],
+        sampler={"name": "nsga2", "seed": 0, "population_size": 4}))
+    sweep.worker_loop(spec, "cpu", spec.trials)
+    files = write_study_report(sweep.open_study(spec), [("w1", "minimize"),
+                                                        ("modes", "maximize")],
+                               list(spec.search), in_tmp / "out")
+    names = {f.name for f in files}
+    assert {"pareto.png", "leaderboard.csv", "index.html", "samples.png"} <= names
+    assert "Pareto front" in (in_tmp / "out" / "index.html").read_text()
+
+
 def test_seed_repeats_are_averaged_and_kept(in_tmp):
     spec = load_spec(write_spec(in_tmp, trials=1, seeds=3))
     sweep.worker_loop(spec, "cpu", spec.trials)
