@@ -12,6 +12,7 @@ import fcntl
 import math
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
 import time
@@ -318,6 +319,18 @@ class TrialOutcome:
     reason: str = ""
 
 
+def _stopper(should_stop: Callable[[], bool] | None):
+    """An on_step callback that turns a requested stop into a KeyboardInterrupt."""
+    if should_stop is None:
+        return None
+
+    def on_step(step: int, d_loss: float, g_loss: float) -> None:
+        if should_stop():
+            raise KeyboardInterrupt
+
+    return on_step
+
+
 class Diverged(Exception):
     """A seed of the trial diverged (the trial FAILs through its own doing)."""
 
@@ -334,7 +347,7 @@ def objective_values(spec: StudySpec, metrics: dict[str, float]) -> list[float]:
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device: str,
-              tracker=None) -> TrialOutcome:
+              tracker=None, should_stop: Callable[[], bool] | None = None) -> TrialOutcome:
     """Train one trial over ``spec.seeds`` seeds and tell Optuna its result.
 
     The failure policy lives here: pruned → PRUNED; diverged or an exception in training →
@@ -367,7 +380,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
                     trial.report(value, step)
                 return trial.should_prune()
 
-            result = train(config, on_eval=on_eval)
+            result = train(config, on_eval=on_eval, on_step=_stopper(should_stop))
             if i == 0 and result.samples.numel():
                 storage.set_trial_user_attr(trial._trial_id, "samples", points(result.samples))
             if result.status == "stopped":
@@ -438,15 +451,26 @@ def worker_loop(spec: StudySpec, device: str, total: int, deadline: float | None
     study = open_study(spec, worker=worker)
     ran = 0
     heartbeat = _Heartbeat(study)
-    while deadline is None or time.time() < deadline:
-        trial = ask_next(study, spec, total)
-        if trial is None:
-            break
-        with heartbeat.beating(trial):
-            outcome = run_trial(study, trial, spec, device, tracker)
-        ran += 1
-        if on_trial:
-            on_trial(outcome)
+    # Ctrl-C only sets a flag, acted on at safe points (between trials, every few training
+    # steps): a KeyboardInterrupt raised inside a library's cleanup callback is swallowed.
+    stop = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda s, f: stop.set()) if in_main else None
+    try:
+        while deadline is None or time.time() < deadline:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            trial = ask_next(study, spec, total)
+            if trial is None:
+                break
+            with heartbeat.beating(trial):
+                outcome = run_trial(study, trial, spec, device, tracker, stop.is_set)
+            ran += 1
+            if on_trial:
+                on_trial(outcome)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     return ran
 
 
@@ -571,8 +595,14 @@ def run_sweep(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
     # More workers than trials left would only start and stop again.
     devices = list(devices)[:max(1, total - snap.done)]
     procs = start_workers(spec, devices, total, deadline, tracking)
+    # Ctrl-C reaches the workers directly (same process group). Here it only sets a flag
+    # checked by the loop, so it never lands inside a library's cleanup callback.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
         while any(p.is_alive() for p in procs):
+            if stop.is_set():
+                raise KeyboardInterrupt
             snap = snapshot(study, spec, total)
             if on_poll:
                 on_poll(snap)
@@ -588,6 +618,11 @@ def run_sweep(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
         # A worker stopped between asking a trial and starting it leaves it RUNNING.
         recover_dead_workers(study, on_lost, kind=INTERRUPTED)
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():  # Ctrl-C as the workers were finishing
+        recover_dead_workers(study, on_lost, kind=INTERRUPTED)
+        raise KeyboardInterrupt
     snap = snapshot(study, spec, total)
     if on_poll:
         on_poll(snap)

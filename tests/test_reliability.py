@@ -79,7 +79,7 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
     before = {t.number: t for t in study.get_trials()}
     completed_before = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
     killed = {n for n, t in before.items() if t.state == TrialState.RUNNING}
-    assert len(killed) == 2
+    assert killed  # a trial can finish between the check and the kill: at least one remains
 
     rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec), "--workers",
                             "2"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
