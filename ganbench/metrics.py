@@ -138,8 +138,3 @@ def evaluate(
     if exact:
         out["w1"] = w1(samples, reference)
     return out
-
-
-def is_finite_number(value: float) -> bool:
-    """True for a finite int/float (used to reject NaN/inf objectives)."""
-    return isinstance(value, (int, float)) and np.isfinite(value)

@@ -394,8 +394,7 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     for arm in spec.arms:
         for target in spec.targets:
             try:
-                _check_semantics(validate_spec(
-                    spec.arm_study(target, arm).model_dump(exclude_none=True), p), p)
+                validate_spec(spec.arm_study(target, arm).model_dump(exclude_none=True), p)
             except SpecError as exc:
                 field = exc.field
                 if field.startswith(("model.", "train.")):
