@@ -340,7 +340,7 @@ def compare_cmd(
     spec_path: Path = typer.Argument(..., help="Comparison YAML, e.g. studies/tricks.yaml.",
                                      show_default=False),
     quick: bool = typer.Option(False, "--quick", help="Smoke-sized run of the same pipeline "
-                               "(2 trials per arm, 2 seeds, 300 steps), as <name>-quick."),
+                               "(2 trials per arm, 2 seeds, 200 steps), as <name>-quick."),
     sets: list[str] = SetOpt,
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices."),

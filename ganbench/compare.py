@@ -28,7 +28,7 @@ def search_seeds(study: StudySpec) -> list[int]:
     return list(range(study.seeds))
 
 
-QUICK = ["budget=2", "eval_seeds=2", "train.steps=300", "train.eval_every=100",
+QUICK = ["budget=2", "eval_seeds=2", "train.steps=200", "train.eval_every=100",
          "train.eval_samples=500"]
 
 
