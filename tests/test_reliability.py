@@ -61,19 +61,27 @@ def mlflow_runs(folder, name):
             if r.data.tags.get("ganbench.role") == "trial"]
 
 
-def test_sigkill_then_rerun_loses_nothing(tmp_path):
-    spec = write_spec(tmp_path, name="killed", trials=6, train=SLOWER, tracking={})
-    proc = start(["sweep", str(spec), "--workers", "2"], tmp_path)
+def sweep_until_busy(spec, folder, name, after_one_complete=False):
+    """Start a 2-worker sweep; return once both workers run a trial (and, if asked, one
+    trial has completed)."""
+    proc = start(["sweep", str(spec), "--workers", "2"], folder)
     study = None
 
-    def two_running_one_done():
+    def busy():
         nonlocal study
-        study = study or journal_study(tmp_path, "killed")
+        study = study or journal_study(folder, name)
         trials = study.get_trials()
         running = [t for t in trials if t.state == TrialState.RUNNING and "pid" in t.user_attrs]
-        return len(running) == 2 and any(t.state == TrialState.COMPLETE for t in trials)
+        done = any(t.state == TrialState.COMPLETE for t in trials)
+        return len(running) == 2 and (done or not after_one_complete)
 
-    wait_for(two_running_one_done)
+    wait_for(busy)
+    return proc, study
+
+
+def test_sigkill_then_rerun_loses_nothing(tmp_path):
+    spec = write_spec(tmp_path, name="killed", trials=6, train=SLOWER, tracking={})
+    proc, study = sweep_until_busy(spec, tmp_path, "killed", after_one_complete=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {t.number: t for t in study.get_trials()}
@@ -103,16 +111,7 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
 
 def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
     spec = write_spec(tmp_path, name="interrupted", trials=5, train=SLOWER, tracking={})
-    proc = start(["sweep", str(spec), "--workers", "2"], tmp_path)
-    study = None
-
-    def running():
-        nonlocal study
-        study = study or journal_study(tmp_path, "interrupted")
-        return len([t for t in study.get_trials() if t.state == TrialState.RUNNING
-                    and "pid" in t.user_attrs]) == 2
-
-    wait_for(running)
+    proc, study = sweep_until_busy(spec, tmp_path, "interrupted")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
