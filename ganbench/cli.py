@@ -209,6 +209,8 @@ def sweep_cmd(
 
         resolve_device(d)
     study, tracking = _open(spec)
+    done, _ = sweep.count_trials(study.get_trials(deepcopy=False))
+    device_list = device_list[:max(1, spec.trials - done)]  # as many workers as trials left
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(device_list)} worker(s) on "
                   f"{', '.join(sorted(set(device_list)))}")
