@@ -149,12 +149,11 @@ def _objective_label(spec) -> str:
 
 
 def _print_leaderboard(spec, study, top: int = 10) -> None:
-    from ganbench.report import trials_frame, write_leaderboard
+    from ganbench.report import study_frame, write_leaderboard
 
-    pareto = [t.number for t in study.best_trials] if spec.multi_objective and any(
-        t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else []
     objectives = [(o.metric, o.direction) for o in spec.objectives]
-    frame = trials_frame(study.get_trials(deepcopy=False), objectives, pareto)
+    frame = study_frame(study, objectives)
+    pareto = "pareto" in frame
     if frame.empty:
         console.print("no finished trials yet")
         return

@@ -154,6 +154,15 @@ def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
     return frame.drop(columns="_order").reset_index(drop=True)
 
 
+def study_frame(study: Any, objectives: Sequence[tuple[str, str]]) -> "pd.DataFrame":
+    """:func:`trials_frame` of a study, with its Pareto front marked when multi-objective."""
+    trials = study.get_trials(deepcopy=False)
+    complete = any(t.state.name == "COMPLETE" for t in trials)
+    pareto = ([t.number for t in study.best_trials]
+              if len(objectives) > 1 and complete else [])
+    return trials_frame(trials, objectives, pareto)
+
+
 def to_markdown(frame: "pd.DataFrame", floatfmt: str = ".4g") -> str:
     """A GitHub-flavoured markdown table (no extra dependency)."""
     def cell(v: Any) -> str:
@@ -280,11 +289,8 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
                        total: int | None = None) -> list[Path]:
     """reports/<name>/: leaderboard.csv/.md, plots, samples grid and index.html."""
     out = Path(out_dir)
-    trials = study.get_trials(deepcopy=False)
     multi = len(objectives) > 1
-    complete = any(t.state.name == "COMPLETE" for t in trials)
-    pareto = [t.number for t in study.best_trials] if multi and complete else []
-    frame = trials_frame(trials, objectives, pareto)
+    frame = study_frame(study, objectives)
     if frame.empty:
         from ganbench.errors import GanbenchError
 

@@ -142,8 +142,7 @@ class Tracker:
                 "mlflow.parentRunId": self.handle.parent_run_id, ROLE_TAG: "eval",
                 "target": target, "arm": arm, "seed": str(seed), "state": out["status"]})
             config = study_spec.trial_config(params, seed=seed)
-            flat = flatten({"model": {k: getattr(config, k) for k in _MODEL},
-                            "train": {k: getattr(config, k) for k in _TRAIN}, "seed": seed})
+            flat = _config_params(config) | {"seed": seed}
             _log_batch(self.client, run.info.run_id,
                        params={k: _param(v) for k, v in flat.items()},
                        metrics={k: v for k, v in out.items() if isinstance(v, float)})
@@ -233,10 +232,8 @@ class TrialRun:
         config = spec.trial_config(params)
         self.config = config
         name = f"{spec.target.name}__{config.loss}__t{trial.number}"
-        dotted = flatten({"target": {"name": spec.target.name, **spec.target.params()},
-                          "train": {k: getattr(config, k) for k in _TRAIN},
-                          "model": {k: getattr(config, k) for k in _MODEL},
-                          "seeds": spec.seeds})
+        dotted = flatten({"target": {"name": spec.target.name, **spec.target.params()}}) | \
+            _config_params(config) | {"seeds": spec.seeds}
 
         def start() -> None:
             run = self.client.create_run(self.handle.experiment_id, run_name=name, tags={
@@ -336,6 +333,12 @@ def _find_or_create(client, exp_id: str, name: str, tags: dict[str, str],
     _log_batch(client, run.info.run_id,
                params={k: _param(v) for k, v in flatten(params).items()})
     return run.info.run_id
+
+
+def _config_params(config) -> dict[str, Any]:
+    """A trainer config as MLflow params under their YAML names (train.lr_g, model.hidden)."""
+    return flatten({"train": {k: getattr(config, k) for k in _TRAIN},
+                    "model": {k: getattr(config, k) for k in _MODEL}})
 
 
 def _finite(v: Any) -> bool:
