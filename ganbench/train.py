@@ -189,9 +189,9 @@ def train(
     d.to(device, dtype)
     opt_g = make_optimizer(config, g.parameters(), config.lr_g)
     opt_d = make_optimizer(config, d.parameters(), config.lr_d)
-    for t in tricks:
-        t.setup(g, d, built)
     rng = torch.Generator(device).manual_seed(config.seed)
+    for t in tricks:
+        t.setup(g, d, built, rng)
 
     # The fixed evaluation sample: the same target points and noise for every trial.
     eval_gen = torch.Generator().manual_seed(config.eval_seed)

@@ -54,9 +54,12 @@ class Trick:
     def configure(self, config: "TrainConfig") -> None:
         """Adjust the (copied) config before models are built."""
 
-    def setup(self, g: nn.Module, d: nn.Module, config: "TrainConfig") -> None:
-        """Called once the models and optimizers exist."""
+    def setup(self, g: nn.Module, d: nn.Module, config: "TrainConfig",
+              rng: torch.Generator | None = None) -> None:
+        """Called once the models and optimizers exist; ``rng`` is the run's generator
+        (random tricks draw from it, so a run is reproducible from its seed)."""
         self.config = config
+        self.rng = rng
 
     def d_inputs(self, real: torch.Tensor, fake: torch.Tensor, step: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +122,8 @@ class GradientPenalty(Trick):
     params = {"weight": Param(10.0, 0.0, 1000.0)}
 
     def d_penalty(self, d, real, fake):
-        eps = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype)
+        eps = torch.rand(real.shape[0], 1, generator=self.rng, device=real.device,
+                         dtype=real.dtype)
         mixed = eps * real + (1 - eps) * fake
         return self.penalty(d, mixed)
 
@@ -185,7 +189,10 @@ class InstanceNoise(Trick):
 
     def d_inputs(self, real, fake, step):
         std = self.current_std(step)
-        return real + std * torch.randn_like(real), fake + std * torch.randn_like(fake)
+        def draw(x: torch.Tensor) -> torch.Tensor:
+            return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
+
+        return real + std * draw(real), fake + std * draw(fake)
 
 
 class LabelSmoothing(Trick):
@@ -208,8 +215,8 @@ class EMA(Trick):
     name = "ema"
     params = {"decay": Param(0.999, 0.0, 0.99999)}
 
-    def setup(self, g, d, config):
-        super().setup(g, d, config)
+    def setup(self, g, d, config, rng=None):
+        super().setup(g, d, config, rng)
         self.shadow = copy.deepcopy(g)
         self.shadow.requires_grad_(False)
 

@@ -1,0 +1,530 @@
+"""The population engine: K training runs as one batched program.
+
+Small GANs leave a machine idle: a 128-unit MLP at batch 256 is a small matrix product.
+``train_population(configs)`` trains many configurations together: members of equal shape
+(a *bucket*) keep their weights stacked as ``[K, in, out]`` tensors applied with
+``torch.baddbmm``, one batched Adam with per-member learning rates and betas updates them,
+and per-member D:G ratios are honoured by running a D step only on the members that still
+take it. Members of different shapes go to different buckets; nothing is padded, so every
+member computes exactly what ``train`` computes.
+
+Each member keeps its own random stream by default (``streams="member"``): it draws its
+real batches, noise and penalty mixing weights from ``torch.Generator().manual_seed(seed)``
+in the same order as ``train``, so a member's losses and metrics equal those of
+``train(config)`` up to rounding (to 1e-10 in float64, which a test checks). On a GPU,
+drawing K small batches costs K kernel launches per draw; ``streams="shared"`` (the default
+there) draws one ``[K, B, …]`` batch from a bucket generator instead: members still see
+independent data, but a member's run then depends on its bucket.
+
+What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import vmap
+
+from ganbench import metrics as M
+from ganbench.errors import GanbenchError
+from ganbench.losses import get_loss
+from ganbench.models import ACTIVATIONS
+from ganbench.targets import Target, get_target
+from ganbench.train import (
+    DTYPES,
+    STEP_REPORT_EVERY,
+    TrainConfig,
+    TrainResult,
+    build_models,
+    resolve_device,
+    train,
+)
+from ganbench.tricks import build_tricks
+
+log = logging.getLogger(__name__)
+
+# Tricks with a batched form here; the others (instance noise, unrolled D) run through train.
+BATCHED_TRICKS = ("clip", "gp", "r1", "r2", "sn", "gradclip", "smooth", "ema", "pack")
+STREAMS = ("auto", "member", "shared")
+ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train uses
+
+# on_eval(member, step, row) -> True to stop that member (pruning); member = index in configs.
+PopOnEval = Callable[[int, int, dict[str, float]], "bool | None"]
+# on_step(step, d_loss, g_loss): mean losses of the running bucket, every few steps.
+PopOnStep = Callable[[int, float, float], None]
+
+
+def unbatchable(config: TrainConfig) -> str | None:
+    """Why the engine cannot batch ``config`` (None when it can)."""
+    if config.optimizer != "adam":
+        return f"optimizer {config.optimizer!r} has no batched form (only adam)"
+    other = sorted(set(config.tricks) - set(BATCHED_TRICKS))
+    if other:
+        return f"trick {', '.join(other)} has no batched form"
+    return None
+
+
+@dataclass
+class _Member:
+    """One run of the population: its config, random stream and running record."""
+
+    index: int                    # position in the caller's list
+    config: TrainConfig           # as given (the result's config)
+    built: TrainConfig            # after the tricks' configure (spectral norm, packing)
+    target: Target
+    rng: torch.Generator
+    reference: torch.Tensor       # fixed evaluation sample of the target (float64, CPU)
+    z_eval: torch.Tensor          # fixed evaluation noise (device, dtype)
+    d_count: int = 0              # Adam steps taken by D (differs when d_steps differ)
+    g_count: int = 0
+    n_since: int = 0              # steps since the last evaluation (loss averages)
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: torch.Tensor | None = None
+    eval_seconds: float = 0.0
+
+    def trick(self, name: str, param: str) -> float:
+        """The value of a trick parameter (its default when the config leaves it out)."""
+        if not hasattr(self, "_tricks"):
+            self._tricks = {t.name: t for t in build_tricks(self.built.tricks)}
+        return float(getattr(self._tricks[name], param))
+
+
+def bucket_key(config: TrainConfig) -> tuple:
+    """Members with equal keys have equal shapes and programs: they share a bucket."""
+    c = _built(config)
+    return (str(resolve_device(c.device)), c.dtype, c.target, repr(sorted(c.target_params.items())),
+            c.loss, c.activation, c.noise_dim, tuple(c.widths("g")), tuple(c.widths("d")),
+            c.batch_size, c.pack, c.spectral_norm, c.g_spectral_norm, tuple(sorted(c.tricks)))
+
+
+def _built(config: TrainConfig) -> TrainConfig:
+    """The config the models are built from: tricks may switch on spectral norm or packing."""
+    built = dataclasses.replace(config, tricks=dict(config.tricks))
+    for t in build_tricks(config.tricks):
+        t.configure(built)
+    return built
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+class _Bucket:
+    """Members of one shape, their weights and optimizer states stacked on dim 0.
+
+    ``self.T`` maps names to stacked tensors: ``g.w.i`` ([K, in, out], the transposed
+    weight of layer i), ``g.b.i`` ([K, 1, out]), ``g.u.i``/``g.v.i`` (spectral-norm power
+    iteration vectors), the same for ``d``, Adam moments ``m.g.w.i``/``s.g.w.i``, EMA
+    weights ``ema.*`` and running loss sums. Removing or selecting members indexes every
+    tensor the same way.
+    """
+
+    def __init__(self, members: list[_Member], streams: str) -> None:
+        c = members[0].built
+        self.members = members
+        self.device, self.dtype = resolve_device(c.device), DTYPES[c.dtype]
+        self.c = c
+        self.loss = get_loss(c.loss)
+        self.act = ACTIVATIONS[c.activation]()
+        self.layers = {"g": len(c.widths("g")) + 1, "d": len(c.widths("d")) + 1}
+        self.sn = {"g": c.g_spectral_norm, "d": c.spectral_norm, "ema": c.g_spectral_norm}
+        self.tricks = set(c.tricks)
+        self.shared = streams == "shared" or (streams == "auto" and self.device.type == "cuda")
+        if self.shared:
+            self.rng = torch.Generator(self.device).manual_seed(members[0].config.seed)
+        self.d_loss_fn = vmap(self.loss.d)
+        self.g_loss_fn = vmap(self.loss.g)
+        self.T: dict[str, torch.Tensor] = {}
+        per: dict[str, list[torch.Tensor]] = {}
+        for m in members:
+            g, d = build_models(m.built, m.target)
+            for net, module in (("g", g.to(self.device, self.dtype)),
+                                ("d", d.to(self.device, self.dtype))):
+                for i, lin in enumerate(_linears(module)):
+                    if self.sn[net]:
+                        p = lin.parametrizations.weight
+                        per.setdefault(f"{net}.w.{i}", []).append(p.original.detach().t())
+                        per.setdefault(f"{net}.u.{i}", []).append(p[0]._u.detach())
+                        per.setdefault(f"{net}.v.{i}", []).append(p[0]._v.detach())
+                    else:
+                        per.setdefault(f"{net}.w.{i}", []).append(lin.weight.detach().t())
+                    per.setdefault(f"{net}.b.{i}", []).append(lin.bias.detach()[None])
+        for key, tensors in per.items():
+            self.T[key] = torch.stack(tensors).contiguous()
+        for key in list(self.T):
+            if key.split(".")[1] in "wb":
+                self.T[key].requires_grad_(True)
+                self.T["m." + key] = torch.zeros_like(self.T[key], requires_grad=False)
+                self.T["s." + key] = torch.zeros_like(self.T[key], requires_grad=False)
+        if "ema" in self.tricks:  # the shadow generator starts as a copy of G
+            for key in [k for k in self.T if k.startswith("g.")]:
+                self.T["ema" + key[1:]] = self.T[key].detach().clone()
+        K = len(members)
+        self.T["d_sum"] = torch.zeros(K, device=self.device, dtype=self.dtype)
+        self.T["g_sum"] = torch.zeros(K, device=self.device, dtype=self.dtype)
+        self.T["d_last"] = torch.zeros(K, device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------ per-member values
+    def per(self, values: Sequence[float]) -> float | torch.Tensor:
+        """One per-member constant: a Python number when all members agree (scalar kernels),
+        else a [K, 1, 1] tensor that broadcasts over a stacked weight."""
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        return torch.tensor(values, device=self.device, dtype=self.dtype).view(-1, 1, 1)
+
+    def keys(self, net: str) -> list[str]:
+        """Names of ``net``'s trained tensors (weight and bias of each layer)."""
+        return [f"{net}.{kind}.{i}" for i in range(self.layers[net]) for kind in "wb"]
+
+    def params(self, T: dict[str, torch.Tensor], net: str) -> list[torch.Tensor]:
+        return [T[key] for key in self.keys(net)]
+
+    # ------------------------------------------------------------ networks
+    def _weight(self, T: dict[str, torch.Tensor], net: str, i: int) -> torch.Tensor:
+        """Layer i's weight; with spectral norm, one power iteration per call (as
+        ``torch.nn.utils.parametrizations.spectral_norm`` does in training mode)."""
+        w = T[f"{net}.w.{i}"]
+        if not self.sn[net]:
+            return w
+        u, v = T[f"{net}.u.{i}"], T[f"{net}.v.{i}"]
+        with torch.no_grad():
+            wd = w.detach()
+            u.copy_(F.normalize(torch.bmm(v.unsqueeze(1), wd).squeeze(1), dim=-1, eps=1e-12))
+            v.copy_(F.normalize(torch.bmm(wd, u.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-12))
+        u, v = u.clone(), v.clone()  # later calls update the buffers in place
+        sigma = (u * torch.bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
+        return w / sigma.view(-1, 1, 1)
+
+    def mlp(self, T: dict[str, torch.Tensor], net: str, x: torch.Tensor) -> torch.Tensor:
+        """K MLPs at once: x [K, n, in] → [K, n, out]."""
+        n = self.layers["g" if net == "ema" else net]
+        for i in range(n):
+            x = torch.baddbmm(T[f"{net}.b.{i}"], x, self._weight(T, net, i))
+            if i < n - 1:
+                x = self.act(x)
+        return x
+
+    def disc(self, T: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """D's logits: [K, n, dim] → [K, n / pack] (packed inputs, as Discriminator)."""
+        k, n, dim = x.shape
+        return self.mlp(T, "d", x.reshape(k, n // self.c.pack, dim * self.c.pack)).squeeze(-1)
+
+    def input_grad(self, T: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """∇_x D(x) per sample, in the graph, per packed input: [K, n / pack, dim · pack]."""
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.disc(T, x).sum(), x, create_graph=True)
+        return grad.reshape(grad.shape[0], grad.shape[1] // self.c.pack, -1)
+
+    # ------------------------------------------------------------ data
+    def draw(self, members: list[_Member], d_step: bool) -> tuple[torch.Tensor, ...]:
+        """Real batch, noise (and GP mixing weights) for ``members``, in ``train``'s order."""
+        c, B = self.c, self.c.batch_size
+        gp = d_step and "gp" in self.tricks
+        kw = {"device": self.device, "dtype": self.dtype}
+        if self.shared:
+            k = len(members)
+            real = members[0].target.sample(k * B, self.rng).to(self.dtype).view(k, B, -1) \
+                if d_step else None
+            z = torch.randn(k, B, c.noise_dim, generator=self.rng, **kw)
+            eps = torch.rand(k, B, 1, generator=self.rng, **kw) if gp else None
+            return real, z, eps
+        reals, zs, epss = [], [], []
+        for m in members:
+            if d_step:
+                reals.append(m.target.sample(B, m.rng).to(self.dtype))
+            zs.append(torch.randn(B, c.noise_dim, generator=m.rng, **kw))
+            if gp:
+                epss.append(torch.rand(B, 1, generator=m.rng, **kw))
+        return (torch.stack(reals) if d_step else None, torch.stack(zs),
+                torch.stack(epss) if gp else None)
+
+    # ------------------------------------------------------------ optimizer
+    def adam(self, T: dict[str, torch.Tensor], net: str, grads: list[torch.Tensor],
+             members: list[_Member]) -> None:
+        """One Adam step of ``net`` for ``members`` — torch.optim.Adam's arithmetic, with
+        per-member learning rates, betas and step counts."""
+        counts = [m.g_count if net == "g" else m.d_count for m in members]
+        lr = [m.config.lr_g if net == "g" else m.config.lr_d for m in members]
+        b1 = [m.config.beta1 for m in members]
+        b2 = [m.config.beta2 for m in members]
+        step_size = self.per([-(l / (1 - b ** t)) for l, b, t in zip(lr, b1, counts)])
+        bc2_sqrt = self.per([(1 - b ** t) ** 0.5 for b, t in zip(b2, counts)])
+        w1, beta2 = self.per([1 - b for b in b1]), self.per(b2)
+        one_minus_b2 = self.per([1 - b for b in b2])
+        with torch.no_grad():
+            for key, g in zip(self.keys(net), grads):
+                p, m, s = T[key], T[f"m.{key}"], T[f"s.{key}"]
+                m.lerp_(g, w1)
+                if isinstance(one_minus_b2, float):
+                    s.mul_(beta2).addcmul_(g, g, value=one_minus_b2)
+                else:  # addcmul's order: (value · g) · g
+                    s.mul_(beta2).add_((one_minus_b2 * g).mul_(g))
+                denom = (s.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+                if isinstance(step_size, float):
+                    p.addcdiv_(m, denom, value=step_size)
+                else:  # addcdiv's order: (value · m) / denom
+                    p.add_((step_size * m).div_(denom))
+
+    def clip_grads(self, grads: list[torch.Tensor], members: list[_Member]) -> None:
+        """Per-member gradient-norm clipping, as ``clip_grad_norm_`` does for one net."""
+        max_norm = self.per([m.trick("gradclip", "max_norm") for m in members])
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
+        coef = (max_norm if isinstance(max_norm, float) else max_norm.view(-1)) \
+            / (norms + 1e-6)
+        coef = coef.clamp(max=1.0).view(-1, 1, 1)
+        for g in grads:
+            g.mul_(coef)
+
+    # ------------------------------------------------------------ steps
+    def d_step(self, T: dict[str, torch.Tensor], members: list[_Member]) -> torch.Tensor:
+        """One discriminator update of ``members`` (whose tensors ``T`` holds); returns
+        each member's D loss (penalties included) [k]."""
+        real, z, eps = self.draw(members, d_step=True)
+        with torch.no_grad():
+            fake = self.mlp(T, "g", z)
+        if self.sn["d"]:  # one power iteration per D call, as train calls D twice
+            d_real, d_fake = self.disc(T, real), self.disc(T, fake)
+        else:
+            out = self.disc(T, torch.cat([real, fake], 1))
+            d_real, d_fake = out.split(out.shape[1] // 2, 1)
+        if "smooth" in self.tricks:
+            target = self.per([m.trick("smooth", "real") for m in members])
+            target = torch.full_like(d_real, target) if isinstance(target, float) else \
+                target.view(-1, 1).expand_as(d_real)
+            loss = F.binary_cross_entropy_with_logits(d_real, target, reduction="none") \
+                .mean(-1) + F.softplus(d_fake).mean(-1)
+        else:
+            loss = self.d_loss_fn(d_real, d_fake)
+        if "gp" in self.tricks:
+            grad = self.input_grad(T, eps * real + (1 - eps) * fake)
+            loss = loss + self.vec([m.trick("gp", "weight") for m in members]) * \
+                ((grad.norm(dim=-1) - 1) ** 2).mean(-1)
+        for name, x in (("r1", real), ("r2", fake)):
+            if name in self.tricks:
+                grad = self.input_grad(T, x)
+                loss = loss + 0.5 * self.vec([m.trick(name, "gamma") for m in members]) * \
+                    grad.pow(2).sum(-1).mean(-1)
+        params = self.params(T, "d")
+        grads = list(torch.autograd.grad(loss.sum(), params))
+        if "gradclip" in self.tricks:
+            self.clip_grads(grads, members)
+        for m in members:
+            m.d_count += 1
+        self.adam(T, "d", grads, members)
+        if "clip" in self.tricks:
+            c = self.per([m.trick("clip", "c") for m in members])
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(torch.clamp(p, -c, c) if isinstance(c, float) else
+                            torch.minimum(torch.maximum(p, -c), c))
+        return loss.detach()
+
+    def g_step(self) -> torch.Tensor:
+        """One generator update of every member; returns each member's G loss [K]."""
+        T, members = self.T, self.members
+        _, z, _ = self.draw(members, d_step=False)
+        loss = self.g_loss_fn(self.disc(T, self.mlp(T, "g", z)))
+        grads = list(torch.autograd.grad(loss.sum(), self.params(T, "g")))
+        if "gradclip" in self.tricks:
+            self.clip_grads(grads, members)
+        for m in members:
+            m.g_count += 1
+        self.adam(T, "g", grads, members)
+        if "ema" in self.tricks:
+            weight = self.per([1 - m.trick("ema", "decay") for m in members])
+            with torch.no_grad():
+                for i in range(self.layers["g"]):
+                    for kind in "wb":
+                        self.T[f"ema.{kind}.{i}"].lerp_(self.T[f"g.{kind}.{i}"], weight)
+        return loss.detach()
+
+    def vec(self, values: Sequence[float]) -> torch.Tensor | float:
+        """A per-member constant for [k]-shaped losses."""
+        v = self.per(values)
+        return v if isinstance(v, float) else v.view(-1)
+
+    # ------------------------------------------------------------ members
+    def subset(self, idx: torch.Tensor | None, prefixes: tuple[str, ...]
+               ) -> dict[str, torch.Tensor]:
+        """The tensors of the members at ``idx`` (all members: the bucket's own)."""
+        if idx is None:
+            return self.T
+        out = {}
+        for key, t in self.T.items():
+            if key.startswith(prefixes):
+                out[key] = t.detach()[idx]
+                if t.requires_grad:
+                    out[key].requires_grad_(True)
+        return out
+
+    def write_back(self, idx: torch.Tensor | None, sub: dict[str, torch.Tensor]) -> None:
+        if idx is None:
+            return
+        with torch.no_grad():
+            for key, t in sub.items():
+                self.T[key].index_copy_(0, idx, t)
+
+    def keep(self, keep: list[int]) -> None:
+        """Drop every member not in ``keep`` (finished, pruned or diverged)."""
+        idx = torch.tensor(keep, device=self.device, dtype=torch.long)
+        for key, t in self.T.items():
+            self.T[key] = t.detach()[idx].requires_grad_(t.requires_grad)
+        self.members = [self.members[i] for i in keep]
+
+
+def _member(index: int, config: TrainConfig) -> _Member:
+    config.validate()
+    built = _built(config)
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    target = get_target(config.target, **config.target_params)
+    eval_gen = torch.Generator().manual_seed(config.eval_seed)
+    reference = target.sample(config.eval_samples, eval_gen).to(torch.float64)
+    z_eval = torch.randn(config.eval_samples, config.noise_dim, generator=eval_gen)
+    return _Member(index=index, config=config, built=built, target=target,
+                   rng=torch.Generator(device).manual_seed(config.seed),
+                   reference=reference, z_eval=z_eval.to(device, dtype))
+
+
+def _diverged_metrics(target: Target) -> dict[str, float]:
+    out: dict[str, float] = {"w1": math.inf, "sliced_w1": math.inf}
+    if target.centers is not None:
+        out |= {"modes": 0, "hq": 0.0, "kl": math.inf}
+    return out
+
+
+def train_population(
+    configs: Sequence[TrainConfig], on_eval: PopOnEval | None = None,
+    on_step: PopOnStep | None = None, streams: str = "auto",
+) -> list[TrainResult]:
+    """Train every config in ``configs``; results in the same order.
+
+    Members are grouped into buckets of equal shape and trained bucket by bucket.
+    ``on_eval(member, step, row)`` is called after each of a member's evaluations, exactly
+    as ``train`` calls its ``on_eval``; returning True stops that member alone (it leaves
+    the batch). A member that diverges leaves it too, with ``status="diverged"``.
+    """
+    if streams not in STREAMS:
+        raise GanbenchError(f"streams must be one of {', '.join(STREAMS)}, got {streams!r}",
+                            "streams")
+    start = time.perf_counter()
+    results: dict[int, TrainResult] = {}
+    buckets: dict[tuple, list[_Member]] = {}
+    alone: list[int] = []
+    for i, config in enumerate(configs):
+        reason = unbatchable(config.validate())
+        if reason is not None:
+            log.warning("member %d trains on its own: %s", i, reason)
+            alone.append(i)
+            continue
+        buckets.setdefault(bucket_key(config), []).append(_member(i, config))
+    for members in buckets.values():
+        _run_bucket(_Bucket(members, streams), on_eval, on_step, start, results)
+    for i in alone:
+        results[i] = train(configs[i], None if on_eval is None else
+                           (lambda step, row, i=i: on_eval(i, step, row)), on_step)
+    return [results[i] for i in range(len(configs))]
+
+
+def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None,
+                start: float, results: dict[int, TrainResult]) -> None:
+    """Train one bucket until every member has finished, stopped or diverged."""
+
+    def finish(m: _Member, status: str, reason: str, step: int) -> None:
+        metrics = _diverged_metrics(m.target) if status == "diverged" else m.metrics
+        samples = m.samples if m.samples is not None else torch.empty(0, m.target.dim)
+        results[m.index] = TrainResult(
+            config=m.config, status=status, steps=step, metrics=metrics, history=m.history,
+            samples=samples, reference=m.reference.float(), reason=reason,
+            seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds)
+
+    step = 0
+    while b.members:
+        step += 1
+        # Discriminator: sub-step j updates the members whose d_steps exceed j.
+        for j in range(max(m.config.d_steps for m in b.members)):
+            active = [i for i, m in enumerate(b.members) if m.config.d_steps > j]
+            if len(active) == len(b.members):
+                b.T["d_last"] = b.d_step(b.T, b.members)
+            else:
+                idx = torch.tensor(active, device=b.device)
+                sub = b.subset(idx, ("g.", "d.", "m.d.", "s.d."))
+                loss = b.d_step(sub, [b.members[i] for i in active])
+                b.write_back(idx, sub)
+                b.T["d_last"][idx] = loss
+        # Generator: every member, one update.
+        g_loss = b.g_step()
+        b.T["d_sum"] += b.T["d_last"]
+        b.T["g_sum"] += g_loss
+        for m in b.members:
+            m.n_since += 1
+
+        # Divergence: a member with a non-finite loss leaves with the step it happened at.
+        finite = torch.isfinite(b.T["d_last"] + g_loss).tolist()
+        gone = set()
+        for i, m in enumerate(b.members):
+            if not finite[i]:
+                finish(m, "diverged", f"diverged at step {step} (non-finite loss)", step)
+                gone.add(i)
+        if on_step is not None and step % STEP_REPORT_EVERY == 0:
+            on_step(step, float(b.T["d_last"].mean()), float(g_loss.mean()))
+
+        # Evaluation of the members due (every eval_every steps and at their last step).
+        due = [i for i, m in enumerate(b.members) if i not in gone and
+               (step % m.config.eval_every == 0 or step == m.config.steps)]
+        if due:
+            gone |= _evaluate(b, due, step, on_eval, finish)
+        if gone:
+            b.keep([i for i in range(len(b.members)) if i not in gone])
+
+
+def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
+              finish: Callable[[_Member, str, str, int], None]) -> set[int]:
+    """Evaluate the members at positions ``due``; return the positions that leave."""
+    idx = None if len(due) == len(b.members) else torch.tensor(due, device=b.device)
+    net = "ema" if "ema" in b.tricks else "g"
+    sub = b.subset(idx, ("g.", "d.", f"{net}."))
+    members = [b.members[i] for i in due]
+    finite = torch.stack([torch.isfinite(p.detach()).flatten(1).all(1)
+                          for p in b.params(sub, "g") + b.params(sub, "d")], 1).all(1).tolist()
+    with torch.no_grad():
+        samples = b.mlp(sub, net, torch.stack([m.z_eval for m in members]))
+    b.write_back(idx, {k: v for k, v in sub.items() if k.startswith(f"{net}.")})
+    samples = samples.to("cpu", torch.float64)
+    d_avg = (b.T["d_sum"][due] if idx is not None else b.T["d_sum"]).tolist()
+    g_avg = (b.T["g_sum"][due] if idx is not None else b.T["g_sum"]).tolist()
+    b.T["d_sum"][due] = 0
+    b.T["g_sum"][due] = 0
+    gone = set()
+    for pos, m, x, ok, d_sum, g_sum in zip(due, members, samples, finite, d_avg, g_avg):
+        if not ok:
+            finish(m, "diverged", f"diverged at step {step} (non-finite weights)", step)
+            gone.add(pos)
+            continue
+        t0 = time.perf_counter()
+        final = step == m.config.steps
+        m.metrics = M.evaluate(x, m.reference, m.target.centers, m.target.std,
+                               m.target.weights, exact=final,
+                               generator=torch.Generator().manual_seed(m.config.eval_seed))
+        m.eval_seconds += time.perf_counter() - t0
+        m.samples = x
+        row = {"step": step, "d_loss": d_sum / m.n_since, "g_loss": g_sum / m.n_since} \
+            | m.metrics
+        m.n_since = 0
+        m.history.append(row)
+        stop = on_eval is not None and on_eval(m.index, step, row)
+        if final:
+            finish(m, "completed", "", step)
+            gone.add(pos)
+        elif stop:
+            finish(m, "stopped", f"stopped at step {step}", step)
+            gone.add(pos)
+    return gone
