@@ -21,9 +21,11 @@ What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -60,6 +62,25 @@ ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train uses
 PopOnEval = Callable[[int, int, dict[str, float]], "bool | None"]
 # on_step(step, d_loss, g_loss): mean losses of the running bucket, every few steps.
 PopOnStep = Callable[[int, float, float], None]
+
+
+def tune_allocator() -> None:
+    """Keep freed activation buffers in the heap (glibc): a population step allocates
+    tens of MB-sized tensors, and by default each is mmap'ed, page-faulted and returned to
+    the system again — measured at about a fifth of a CPU step. No-op elsewhere."""
+    global _TUNED
+    if _TUNED or sys.platform != "linux":
+        return
+    _TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: heap-allocate blocks up to 32 MiB
+
+
+_TUNED = False
 
 
 def unbatchable(config: TrainConfig) -> str | None:
@@ -134,7 +155,9 @@ class _Bucket:
         self.device, self.dtype = resolve_device(c.device), DTYPES[c.dtype]
         self.c = c
         self.loss = get_loss(c.loss)
-        self.act = ACTIVATIONS[c.activation]()
+        # In place where autograd keeps the output, not the input (saves a pass over memory).
+        self.act = ACTIVATIONS[c.activation](**({"inplace": True} if c.activation in
+                                                 ("relu", "leaky_relu") else {}))
         self.layers = {"g": len(c.widths("g")) + 1, "d": len(c.widths("d")) + 1}
         self.sn = {"g": c.g_spectral_norm, "d": c.spectral_norm, "ema": c.g_spectral_norm}
         self.tricks = set(c.tricks)
@@ -208,7 +231,9 @@ class _Bucket:
         """K MLPs at once: x [K, n, in] → [K, n, out]."""
         n = self.layers["g" if net == "ema" else net]
         for i in range(n):
-            x = torch.baddbmm(T[f"{net}.b.{i}"], x, self._weight(T, net, i))
+            # bmm then an in-place bias add is faster on CPU than baddbmm; the activation
+            # runs in place on the fresh product (autograd saves its output, not its input).
+            x = torch.bmm(x, self._weight(T, net, i)).add_(T[f"{net}.b.{i}"])
             if i < n - 1:
                 x = self.act(x)
         return x
@@ -415,6 +440,7 @@ def train_population(
     if streams not in STREAMS:
         raise GanbenchError(f"streams must be one of {', '.join(STREAMS)}, got {streams!r}",
                             "streams")
+    tune_allocator()
     start = time.perf_counter()
     results: dict[int, TrainResult] = {}
     buckets: dict[tuple, list[_Member]] = {}
