@@ -1,0 +1,179 @@
+"""Population engine vs one trial at a time, measured side by side in one run.
+
+For each scenario the same member configurations are trained
+  (a) naively, one ``train()`` after another in this process (all torch threads),
+  (b) by a naive pool of worker processes, one ``train()`` per task (one thread each on
+      CPU; several processes sharing the GPU on CUDA),
+  (c) by the population engine, ``train_population()`` of K members, K = 1, 4, 16, 64
+      (and 256 on a GPU).
+Scenarios: a same-shape population (G and D 2×128, noise 8, batch 256) with d_steps 1 and
+with d_steps 5, and a mixed population (hidden 32..512, noise 2..128, d_steps 1..5).
+Members differ in seed and learning rates, as a sweep's do.
+
+Each row gives aggregate generator iterations per second (all members' G steps over wall
+time, model building and one final evaluation on 500 samples included), trials per hour
+for a 2000-step trial at that rate, the ratios to (a) and (b), and the share of the
+measured matmul peak that the networks' matrix products reach.
+
+    python benchmarks/population.py [--steps 200] [--device auto] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ganbench.population import train_population, tune_allocator  # noqa: E402
+from ganbench.train import TrainConfig, resolve_device, train  # noqa: E402
+
+TRIAL_STEPS = 2000  # the trial length "trials per hour" refers to
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Measured FLOP/s of a 1024² (CPU) or 8192² (GPU) fp32 matrix product."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def iteration_flops(c: TrainConfig) -> float:
+    """Matmul FLOPs of one generator iteration (d_steps D steps + one G step)."""
+    dims_g = [c.noise_dim, *c.widths("g"), 2]
+    dims_d = [2 * c.pack, *c.widths("d"), 1]
+    fg = 2 * c.batch_size * sum(a * b for a, b in zip(dims_g, dims_g[1:]))
+    fd = 2 * c.batch_size // c.pack * sum(a * b for a, b in zip(dims_d, dims_d[1:]))
+    d_step = fg + 2 * fd + 4 * fd          # fake batch, D on real+fake, D backward
+    g_step = fg + fd + fd + 2 * fg         # G and D forward, D input grads, G backward
+    return c.d_steps * d_step + g_step
+
+
+def configs(kind: str, n: int, steps: int, device: str) -> list[TrainConfig]:
+    """``n`` member configs of a scenario, differing in seed and learning rates."""
+    rnd = random.Random(0)
+    out = []
+    for i in range(n):
+        lr = 10 ** rnd.uniform(-4, -2.5)
+        common = dict(lr_g=lr, lr_d=lr * rnd.choice([1, 2, 4]), steps=steps,
+                      eval_every=steps, eval_samples=500, seed=i, device=device)
+        if kind == "mixed":
+            out.append(TrainConfig(hidden=rnd.choice([32, 64, 128, 256, 512]),
+                                   noise_dim=rnd.choice([2, 8, 32, 128]),
+                                   d_steps=rnd.randint(1, 5), **common))
+        else:
+            out.append(TrainConfig(hidden=128, noise_dim=8, d_steps=int(kind[-1]), **common))
+    return out
+
+
+def _pool_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    tune_allocator()
+
+
+def _pool_train(config: TrainConfig) -> int:
+    return train(config).steps
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
+                 device: torch.device, pool: mp.pool.Pool, n_pool: int, peak: float
+                 ) -> dict[str, float]:
+    dev = str(device)
+    members = configs(kind, max(ks), steps, dev)
+    flops = {id(c): iteration_flops(c) for c in members}
+    print(f"\n## {title} — {steps} G steps per member")
+    print(f"{'mode':<26}{'members':>8}{'G-it/s':>10}{'trials/h':>10}{'vs seq':>9}"
+          f"{'vs pool':>9}{'% peak':>8}")
+    rows: dict[str, float] = {}
+
+    def row(name: str, batch: list[TrainConfig], seconds: float) -> float:
+        rate = len(batch) * steps / seconds
+        achieved = sum(flops[id(c)] for c in batch) * steps / seconds
+        seq, pl = rows.get("seq", rate), rows.get("pool", rate)
+        print(f"{name:<26}{len(batch):>8}{rate:>10.0f}{3600 * rate / TRIAL_STEPS:>10.0f}"
+              f"{rate / seq:>8.2f}x{rate / pl:>8.2f}x{100 * achieved / peak:>7.1f}%",
+              flush=True)
+        return rate
+
+    # The naive modes run the same configs as the largest population (or the first few of
+    # them, when all members have one shape: the rate does not depend on which).
+    naive = members if kind == "mixed" else members[:n_naive]
+    rows["seq"] = row("naive sequential", naive,
+                      timed(lambda: [train(c) for c in naive], device))
+    batch = members if kind == "mixed" else members[:max(n_pool, n_naive)]
+    rows["pool"] = row(f"naive pool ({n_pool} procs)", batch,
+                       timed(lambda: pool.map(_pool_train, batch, chunksize=1), device))
+    for k in ks:
+        part = members[:k]
+        rows[f"K={k}"] = row(f"population K={k}", part,
+                             timed(lambda part=part: train_population(part), device))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="G steps per member")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="worker processes of the naive pool (default: CPU cores; 4 "
+                             "sharing a GPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, K up to 16")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    tune_allocator()  # for every mode alike: the comparison measures batching alone
+    cuda = device.type == "cuda"
+    ks = [1, 4, 16] if args.quick else [1, 4, 16, 64] + ([256] if cuda else [])
+    steps = 40 if args.quick else args.steps
+    n_pool = args.pool or (4 if cuda else os.cpu_count() or 1)
+    threads = 1 if not cuda else torch.get_num_threads()
+    peak = matmul_peak(device)
+    name = torch.cuda.get_device_name(device) if cuda else \
+        f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"# population engine benchmark on {name}")
+    print(f"measured fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s; torch {torch.__version__}")
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(n_pool, initializer=_pool_init, initargs=(threads,)) as pool:
+        warm = configs("d1", n_pool, 5, str(device))
+        pool.map(_pool_train, warm, chunksize=1)   # imports and first calls, not timed
+        train_population(warm[:2])
+        same = run_scenario("d1", "same shape, H=128, noise 8, batch 256, d_steps 1", steps,
+                            ks, 4, device, pool, n_pool, peak)
+        run_scenario("d5", "same shape, H=128, noise 8, batch 256, d_steps 5",
+                     max(steps // 4, 10), ks, 4, device, pool, n_pool, peak)
+        # A mixed population's rate depends on its members: every mode trains the same ones.
+        run_scenario("mixed", "mixed, H 32..512, noise 2..128, d_steps 1..5",
+                     max(steps // 4, 10), [max(ks)], 0, device, pool, n_pool, peak)
+    k = 64 if 64 in ks else max(ks)
+    print(f"\npopulation speedup vs sequential at K={k}: {same[f'K={k}'] / same['seq']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
