@@ -126,14 +126,20 @@ TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (de
                            "sqlite:///mlflow.db).")
 
 
+PopulationOpt = typer.Option(None, "--population", help="Train K members (trials × seeds) "
+                             "at once as one batched population (spec: execution).")
+
+
 def _load(spec_path: Path, sets: list[str], trials: int | None = None,
           storage: str | None = None, tracking_uri: str | None = None,
-          workers: int | None = None):
+          workers: int | None = None, population: int | None = None):
     """Load a spec with --set and the shortcut options applied, checked before anything runs."""
     from ganbench.spec import load_spec
     from ganbench.sweep import check_spec
 
     overrides = list(sets)
+    if population is not None:
+        overrides += ["execution.mode=population", f"execution.size={population}"]
     for key, value in (("trials", trials), ("storage", storage), ("tracking.uri", tracking_uri),
                        ("workers", workers)):
         if value is not None:
@@ -194,6 +200,7 @@ def sweep_cmd(
     devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices, "
                                           "e.g. cuda:0,cuda:2 or cpu."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
+    population: Optional[int] = PopulationOpt,
 ) -> None:
     """Search hyperparameters: run the study to its total of trials, then print the leaderboard.
 
@@ -201,8 +208,10 @@ def sweep_cmd(
     """
     from ganbench import sweep
 
-    spec = _load(spec_path, sets, trials, storage, tracking_uri, workers)
-    device_list = sweep.default_devices(spec.workers, devices.split(",") if devices else None)
+    spec = _load(spec_path, sets, trials, storage, tracking_uri, workers, population)
+    pop = spec.execution.mode == "population"
+    device_list = sweep.default_devices(spec.workers, devices.split(",") if devices else None,
+                                        population=pop)
     for d in set(device_list):
         from ganbench.train import resolve_device
 
@@ -210,9 +219,10 @@ def sweep_cmd(
     study, tracking = _open(spec)
     done, _ = sweep.count_trials(study.get_trials(deepcopy=False))
     device_list = device_list[:max(1, spec.trials - done)]  # as many workers as trials left
+    how = (f"populations of {spec.execution.size} member(s)" if pop else "one trial at a time")
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(device_list)} worker(s) on "
-                  f"{', '.join(sorted(set(device_list)))}")
+                  f"{', '.join(sorted(set(device_list)))} · {how}")
     with _progress() as progress:
         task = progress.add_task("trials", total=spec.trials, info="")
 
@@ -265,6 +275,7 @@ def worker_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, trials: Optional[int] = TrialsOpt,
     device: str = typer.Option("auto", "--device", help="Device of this worker."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
+    population: Optional[int] = PopulationOpt,
 ) -> None:
     """Join a study as one worker (e.g. from another machine, with a shared --storage)."""
     import torch
@@ -272,10 +283,10 @@ def worker_cmd(
     from ganbench import sweep
     from ganbench.train import resolve_device
 
-    spec = _load(spec_path, sets, trials, storage, tracking_uri)
+    spec = _load(spec_path, sets, trials, storage, tracking_uri, population=population)
     dev = str(resolve_device(device))
     if dev == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(sweep.cpu_threads(spec, 1))
     study, tracking = _open(spec)
     sweep.recover_dead_workers(study, tracking and tracking.end_lost)
     deadline = time.time() + spec.timeout if spec.timeout else None

@@ -283,7 +283,7 @@ class _Bucket:
         lr = [m.config.lr_g if net == "g" else m.config.lr_d for m in members]
         b1 = [m.config.beta1 for m in members]
         b2 = [m.config.beta2 for m in members]
-        step_size = self.per([-(l / (1 - b ** t)) for l, b, t in zip(lr, b1, counts)])
+        step_size = self.per([-(r / (1 - b ** t)) for r, b, t in zip(lr, b1, counts)])
         bc2_sqrt = self.per([(1 - b ** t) ** 0.5 for b, t in zip(b2, counts)])
         w1, beta2 = self.per([1 - b for b in b1]), self.per(b2)
         one_minus_b2 = self.per([1 - b for b in b2])

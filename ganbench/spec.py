@@ -149,6 +149,16 @@ class TrackingSpec(BaseModel):
     uri: str | None = None
 
 
+class ExecutionSpec(BaseModel):
+    """How trials run: one at a time per worker, or K members trained as one batched
+    population (seed repeats of a trial are members too)."""
+
+    model_config = _STRICT
+    mode: Literal["trial", "population"] = "trial"
+    size: int = Field(16, gt=0)                  # members per population
+    streams: Literal["auto", "member", "shared"] = "auto"  # see ganbench.population
+
+
 class StudySpec(BaseModel):
     """A whole study; see studies/*.yaml for annotated examples."""
 
@@ -168,6 +178,7 @@ class StudySpec(BaseModel):
     storage: str | None = None
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
     def fixed(self) -> dict[str, Any]:
         """The fixed trainer fields: target, train and model sections."""
@@ -359,6 +370,7 @@ class CompareSpec(BaseModel):
     storage: str | None = None
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # of the tuning trials
 
     def arm_study(self, target: TargetSpec, arm: str) -> StudySpec:
         """The Optuna study that tunes one arm on one target (the arm's fixed values win
@@ -376,7 +388,7 @@ class CompareSpec(BaseModel):
             model=model, search=search if self.mode == "tune" else {},
             objectives=[self.objective], sampler=self.sampler, pruner=self.pruner,
             trials=self.budget if self.mode == "tune" else 1, storage=self.storage,
-            tracking=self.tracking, workers=self.workers)
+            tracking=self.tracking, workers=self.workers, execution=self.execution)
 
 
 def load_compare(path: str | Path, overrides: list[str] | None = None) -> CompareSpec:

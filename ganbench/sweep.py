@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ganbench.errors import GanbenchError, SpecError
 from ganbench.spec import StudySpec
-from ganbench.train import TrainResult, train
+from ganbench.train import TrainConfig, TrainResult, train
 
 HEARTBEAT_INTERVAL = 30   # seconds between heartbeats of a running trial (RDB storages)
 GRACE_PERIOD = 120        # a trial silent this long is failed and retried by the next worker
@@ -331,10 +331,6 @@ def _stopper(should_stop: Callable[[], bool] | None):
     return on_step
 
 
-class Diverged(Exception):
-    """A seed of the trial diverged (the trial FAILs through its own doing)."""
-
-
 def intermediate_metric(spec: StudySpec) -> str:
     """The metric reported at each evaluation for pruning: exact W1 is computed only for the
     final score (an n³ assignment), so a W1 objective is tracked by sliced W1 meanwhile."""
@@ -346,79 +342,163 @@ def objective_values(spec: StudySpec, metrics: dict[str, float]) -> list[float]:
     return [float(metrics[o.metric]) for o in spec.objectives]
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device: str,
-              tracker=None, should_stop: Callable[[], bool] | None = None) -> TrialOutcome:
-    """Train one trial over ``spec.seeds`` seeds and tell Optuna its result.
+def _begin_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device: str,
+                 tracker=None) -> tuple[dict[str, Any], Any]:
+    """Record where the trial runs, sample its parameters, open its MLflow run."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
+    storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
+    storage.set_trial_user_attr(trial._trial_id, "device", device)
+    storage.set_trial_user_attr(trial._trial_id, "execution", spec.execution.mode)
+    params = suggest(trial, spec)
+    return params, (tracker.start_trial(trial, spec, params) if tracker else None)
 
-    The failure policy lives here: pruned → PRUNED; diverged or an exception in training →
-    FAIL (counted, reason in ``fail_reason``); Ctrl-C → FAIL (not counted, re-queued).
+
+def _seed_configs(spec: StudySpec, params: dict[str, Any], device: str) -> list[TrainConfig]:
+    configs = [spec.trial_config(params, seed=i) for i in range(spec.seeds)]
+    for config in configs:
+        config.device = device
+    return configs
+
+
+def _eval_callback(spec: StudySpec, trial: optuna.Trial, run, seed: int, steps: int
+                   ) -> Callable[[int, dict[str, float]], bool]:
+    """Log an evaluation of one seed (curves of seed i follow those of seed i-1) and, for
+    the first seed, report it to the pruner; True = prune."""
+
+    def on_eval(step: int, row: dict[str, float]) -> bool:
+        if run is not None:
+            run.log_eval(step + seed * steps, row)
+        # Pruning follows the first seed's curve (Optuna needs one value per step).
+        if seed > 0 or spec.multi_objective:
+            return False
+        value = float(row.get(intermediate_metric(spec), math.nan))
+        if math.isfinite(value):
+            trial.report(value, step)
+        return trial.should_prune()
+
+    return on_eval
+
+
+def _conclude(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
+              results: list[TrainResult], run) -> TrialOutcome:
+    """Tell Optuna (and MLflow) a trial's result from its seeds' training results.
+
+    The failure policy lives here: a stopped seed → PRUNED; a diverged seed → FAIL (counted,
+    reason in ``fail_reason``); else COMPLETE with the seeds' mean metrics.
     """
     storage = study._storage
-    seeds_metrics: list[dict[str, float]] = []
-    state, reason, values = TrialState.COMPLETE, "", None
-    result: TrainResult | None = None
-    run = None
-    try:
-        storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
-        storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
-        storage.set_trial_user_attr(trial._trial_id, "device", device)
-        params = suggest(trial, spec)
-        run = tracker.start_trial(trial, spec, params) if tracker else None
-        for i in range(spec.seeds):
-            config = spec.trial_config(params, seed=i)
-            config.device = device
-
-            def on_eval(step: int, row: dict[str, float], i: int = i,
-                        offset: int = i * config.steps) -> bool:
-                if run is not None:
-                    run.log_eval(step + offset, row)
-                # Pruning follows the first seed's curve (Optuna needs one value per step).
-                if i > 0 or spec.multi_objective:
-                    return False
-                value = float(row.get(intermediate_metric(spec), math.nan))
-                if math.isfinite(value):
-                    trial.report(value, step)
-                return trial.should_prune()
-
-            result = train(config, on_eval=on_eval, on_step=_stopper(should_stop))
-            if i == 0 and result.samples.numel():
-                storage.set_trial_user_attr(trial._trial_id, "samples", points(result.samples))
-            if result.status == "stopped":
-                state, reason = TrialState.PRUNED, f"pruned at step {result.steps}"
-                break
-            if result.status == "diverged":
-                raise Diverged(f"seed {i} {result.reason}")
-            seeds_metrics.append(result.metrics)
-        if state == TrialState.COMPLETE:
-            mean = {k: sum(m[k] for m in seeds_metrics) / len(seeds_metrics)
-                    for k in seeds_metrics[0]}
-            values = objective_values(spec, mean)
-            storage.set_trial_user_attr(trial._trial_id, "metrics", mean)
-            if spec.seeds > 1:
-                storage.set_trial_user_attr(trial._trial_id, "seed_metrics", seeds_metrics)
-            study.tell(trial, values)
-        else:
-            study.tell(trial, state=TrialState.PRUNED)
-    except KeyboardInterrupt:
-        frozen = study._storage.get_trial(trial._trial_id)
-        fail_trial(study, frozen, INTERRUPTED, "interrupted (Ctrl-C)")
-        if run is not None:
-            run.end(TrialState.FAIL, {}, "interrupted", result, killed=True)
-        raise
-    except Exception as exc:  # diverged, or a bug in training: the trial's own fault
-        reason = str(exc) if isinstance(exc, Diverged) else \
-            f"error: {type(exc).__name__}: {exc}"
-        if not isinstance(exc, Diverged):
-            storage.set_trial_user_attr(trial._trial_id, "traceback", traceback.format_exc())
-        frozen = storage.get_trial(trial._trial_id)
-        fail_trial(study, frozen, TRIAL_FAULT, reason)
-        state = TrialState.FAIL
+    state, reason, values, mean = TrialState.COMPLETE, "", None, {}
+    if results and results[0].samples.numel():
+        storage.set_trial_user_attr(trial._trial_id, "samples", points(results[0].samples))
+    last = results[-1] if results else None
+    for i, result in enumerate(results):
+        if result.status in ("stopped", "diverged"):
+            last = result
+            state, reason = (TrialState.PRUNED, f"pruned at step {result.steps}") \
+                if result.status == "stopped" else (TrialState.FAIL, f"seed {i} {result.reason}")
+            break
+    if state == TrialState.COMPLETE:
+        seeds_metrics = [r.metrics for r in results]
+        mean = {k: sum(m[k] for m in seeds_metrics) / len(seeds_metrics)
+                for k in seeds_metrics[0]}
+        values = objective_values(spec, mean)
+        storage.set_trial_user_attr(trial._trial_id, "metrics", mean)
+        if spec.seeds > 1:
+            storage.set_trial_user_attr(trial._trial_id, "seed_metrics", seeds_metrics)
+        study.tell(trial, values)
+    elif state == TrialState.PRUNED:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        fail_trial(study, storage.get_trial(trial._trial_id), TRIAL_FAULT, reason)
     if run is not None:
         final = {f"objective.{o.metric}": v for o, v in zip(spec.objectives, values or [])}
         if spec.seeds > 1 and state == TrialState.COMPLETE:
             final |= {f"mean.{k}": v for k, v in mean.items()}
-        run.end(state, final, reason, result)
+        run.end(state, final, reason, last)
     return TrialOutcome(trial.number, state, values, reason)
+
+
+def _fault(study: optuna.Study, trial: optuna.Trial, run, exc: Exception) -> TrialOutcome:
+    """A bug in training (not a diverging GAN): the trial FAILs, counted, with traceback."""
+    storage = study._storage
+    reason = f"error: {type(exc).__name__}: {exc}"
+    storage.set_trial_user_attr(trial._trial_id, "traceback", traceback.format_exc())
+    fail_trial(study, storage.get_trial(trial._trial_id), TRIAL_FAULT, reason)
+    if run is not None:
+        run.end(TrialState.FAIL, {}, reason, None)
+    return TrialOutcome(trial.number, TrialState.FAIL, None, reason)
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial, run) -> None:
+    """Ctrl-C: the trial FAILs, not counted, and is re-queued; its MLflow run is KILLED."""
+    fail_trial(study, study._storage.get_trial(trial._trial_id), INTERRUPTED,
+               "interrupted (Ctrl-C)")
+    if run is not None:
+        run.end(TrialState.FAIL, {}, "interrupted", None, killed=True)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device: str,
+              tracker=None, should_stop: Callable[[], bool] | None = None) -> TrialOutcome:
+    """Train one trial over ``spec.seeds`` seeds, one after another, and tell Optuna."""
+    run = None
+    try:
+        params, run = _begin_trial(study, trial, spec, device, tracker)
+        results: list[TrainResult] = []
+        for i, config in enumerate(_seed_configs(spec, params, device)):
+            results.append(train(config, _eval_callback(spec, trial, run, i, config.steps),
+                                 _stopper(should_stop)))
+            if results[-1].status != "completed":
+                break
+    except KeyboardInterrupt:
+        _interrupted(study, trial, run)
+        raise
+    except Exception as exc:  # a bug in training: the trial's own fault
+        return _fault(study, trial, run, exc)
+    return _conclude(study, trial, spec, results, run)
+
+
+def run_population(study: optuna.Study, trials: Sequence[optuna.Trial], spec: StudySpec,
+                   device: str, tracker=None, should_stop: Callable[[], bool] | None = None
+                   ) -> list[TrialOutcome]:
+    """Train ``trials`` × ``spec.seeds`` members as one population, then tell Optuna each
+    trial's result. Each trial is pruned on its own: its members leave the batch."""
+    from ganbench.population import train_population
+
+    begun: list[tuple[optuna.Trial, Any]] = []
+    configs: list[TrainConfig] = []
+    callbacks: list[Callable[[int, dict[str, float]], bool]] = []
+    owner: list[int] = []
+    pruned: set[int] = set()
+    try:
+        for t, trial in enumerate(trials):
+            params, run = _begin_trial(study, trial, spec, device, tracker)
+            begun.append((trial, run))
+            for i, config in enumerate(_seed_configs(spec, params, device)):
+                configs.append(config)
+                callbacks.append(_eval_callback(spec, trial, run, i, config.steps))
+                owner.append(t)
+
+        def on_eval(member: int, step: int, row: dict[str, float]) -> bool:
+            # Seed 0 decides for its trial; the trial's other seeds leave with it.
+            if callbacks[member](step, row):
+                pruned.add(owner[member])
+            return owner[member] in pruned
+
+        results = train_population(configs, on_eval, _stopper(should_stop),
+                                   streams=spec.execution.streams)
+    except KeyboardInterrupt:
+        for trial, run in begun:
+            _interrupted(study, trial, run)
+        for trial in trials[len(begun):]:
+            _interrupted(study, trial, None)
+        raise
+    except Exception as exc:  # a bug in training: every trial of the batch fails
+        return [_fault(study, trial, run, exc) for trial, run in begun] + \
+            [_fault(study, trial, None, exc) for trial in trials[len(begun):]]
+    return [_conclude(study, trial, spec,
+                      [r for r, o in zip(results, owner) if o == t], run)
+            for t, (trial, run) in enumerate(begun)]
 
 
 # ---------------------------------------------------------------- workers
@@ -460,14 +540,28 @@ def worker_loop(spec: StudySpec, device: str, total: int, deadline: float | None
         while deadline is None or time.time() < deadline:
             if stop.is_set():
                 raise KeyboardInterrupt
-            trial = ask_next(study, spec, total)
-            if trial is None:
-                break
-            with heartbeat.beating(trial):
-                outcome = run_trial(study, trial, spec, device, tracker, stop.is_set)
-            ran += 1
-            if on_trial:
-                on_trial(outcome)
+            if spec.execution.mode == "population":
+                # As many trials as fill the population (each trial is `seeds` members).
+                trials: list[optuna.Trial] = []
+                while len(trials) < max(1, spec.execution.size // spec.seeds):
+                    if (trial := ask_next(study, spec, total)) is None:
+                        break
+                    trials.append(trial)
+                if not trials:
+                    break
+                with heartbeat.beating(*trials):
+                    outcomes = run_population(study, trials, spec, device, tracker,
+                                              stop.is_set)
+            else:
+                trial = ask_next(study, spec, total)
+                if trial is None:
+                    break
+                with heartbeat.beating(trial):
+                    outcomes = [run_trial(study, trial, spec, device, tracker, stop.is_set)]
+            ran += len(outcomes)
+            for outcome in outcomes:
+                if on_trial:
+                    on_trial(outcome)
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
@@ -482,7 +576,7 @@ class _Heartbeat:
         self.storage = storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
     @contextlib.contextmanager
-    def beating(self, trial: optuna.Trial) -> Iterator[None]:
+    def beating(self, *trials: optuna.Trial) -> Iterator[None]:
         if self.storage is None:
             yield
             return
@@ -490,8 +584,9 @@ class _Heartbeat:
 
         def beat() -> None:
             while not stop.is_set():
-                with contextlib.suppress(Exception):
-                    self.storage.record_heartbeat(trial._trial_id)
+                for trial in trials:
+                    with contextlib.suppress(Exception):
+                        self.storage.record_heartbeat(trial._trial_id)
                 stop.wait(HEARTBEAT_INTERVAL)
 
         thread = threading.Thread(target=beat, daemon=True)
@@ -503,9 +598,10 @@ class _Heartbeat:
             thread.join(timeout=5)
 
 
-def default_devices(workers: int | None = None, devices: Sequence[str] | None = None
-                    ) -> list[str]:
-    """One worker per visible GPU, or one per CPU core; ``devices`` lists them explicitly."""
+def default_devices(workers: int | None = None, devices: Sequence[str] | None = None,
+                    population: bool = False) -> list[str]:
+    """One worker per visible GPU, or one per CPU core (one in all for a population, which
+    uses every core itself); ``devices`` lists them explicitly."""
     import torch
 
     if devices:
@@ -513,20 +609,28 @@ def default_devices(workers: int | None = None, devices: Sequence[str] | None = 
     elif torch.cuda.is_available():
         base = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     else:
-        base = ["cpu"] * (os.cpu_count() or 1)
+        base = ["cpu"] * (1 if population else os.cpu_count() or 1)
     n = workers or len(base)
     return [base[i % len(base)] for i in range(n)]
 
 
+def cpu_threads(spec: StudySpec, cpu_workers: int) -> int:
+    """Torch threads of a CPU worker: one per trial-at-a-time worker (processes beat threads
+    for one small model); a population worker shares the cores with the other CPU workers."""
+    if spec.execution.mode != "population":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+
+
 def _worker_process(spec_json: str, device: str, total: int, deadline: float | None,
-                    tracking: Any, worker: int) -> None:
-    """Entry point of a spawned worker process: one torch thread on CPU."""
+                    tracking: Any, worker: int, threads: int = 1) -> None:
+    """Entry point of a spawned worker process."""
     import signal
 
     import torch
 
     if device == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     spec = StudySpec.model_validate_json(spec_json)
     tracker = None
     if tracking is not None:
@@ -545,9 +649,11 @@ def start_workers(spec: StudySpec, devices: Sequence[str], total: int,
     """Spawn one worker process per entry of ``devices``."""
     ctx = mp.get_context("spawn")
     procs = []
+    threads = cpu_threads(spec, list(devices).count("cpu"))
     for i, device in enumerate(devices):
         p = ctx.Process(target=_worker_process,
-                        args=(spec.model_dump_json(), device, total, deadline, tracking, i),
+                        args=(spec.model_dump_json(), device, total, deadline, tracking, i,
+                              threads),
                         daemon=False)
         p.start()
         procs.append(p)
