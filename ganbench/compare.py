@@ -9,6 +9,7 @@ that study, so a rerun skips what is done.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -40,33 +41,38 @@ class ArmResult:
     seeds: dict[int, dict[str, Any]]   # seed → metrics (+ "samples")
 
 
-def _eval_one(args: tuple[str, dict[str, Any], int, str]) -> tuple[int, dict[str, Any]]:
-    """Worker: train one configuration on one held-out seed."""
+def _eval_seeds(args: tuple[str, dict[str, Any], list[int], str, int]
+                ) -> list[tuple[int, dict[str, Any]]]:
+    """Worker: train one configuration on held-out seeds, all of them as one population
+    (seed repeats have one shape: the ideal batch)."""
     import torch
 
-    study_json, params, seed, device = args
+    from ganbench.population import train_population
+
+    study_json, params, seeds, device, threads = args
     if device == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     study = StudySpec.model_validate_json(study_json)
-    config = study.trial_config(params, seed=seed)
-    config.device = device
-    from ganbench.train import train
+    configs = [study.trial_config(params, seed=seed) for seed in seeds]
+    for config in configs:
+        config.device = device
+    out = []
+    for seed, result in zip(seeds, train_population(configs)):
+        row: dict[str, Any] = {k: float(v) for k, v in result.metrics.items()}
+        row |= {"status": result.status, "reason": result.reason, "seconds": result.seconds}
+        if result.samples.numel():
+            row["samples"] = sweep.points(result.samples)
+        out.append((seed, row))
+    return out
 
-    result = train(config)
-    out: dict[str, Any] = {k: float(v) for k, v in result.metrics.items()}
-    out |= {"status": result.status, "reason": result.reason, "seconds": result.seconds}
-    if result.samples.numel():
-        out["samples"] = sweep.points(result.samples)
-    return seed, out
 
-
-def _tune(args: tuple[str, str, int, Any, int]) -> int:
+def _tune(args: tuple[str, str, int, Any, int, int]) -> int:
     """Worker: run trials of one arm's study until it holds its budget."""
     import torch
 
-    study_json, device, total, handle, index = args
+    study_json, device, total, handle, index, threads = args
     if device == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     tracker = None
     if handle is not None:
         from ganbench.tracking import Tracker
@@ -112,9 +118,11 @@ def _run_arm(spec: CompareSpec, target, arm: str, devices: Sequence[str], pool,
         if on_step:
             on_step(f"{target.name} · {arm}: tuning ({done}/{study_spec.trials} trials done)")
         if done < study_spec.trials:
+            workers = devices[:study_spec.trials - done]
+            threads = sweep.cpu_threads(study_spec, workers.count("cpu"))
             jobs = [(study_spec.model_dump_json(), device, study_spec.trials,
-                     tracker.handle if tracker else None, i)
-                    for i, device in enumerate(devices[:study_spec.trials - done])]
+                     tracker.handle if tracker else None, i, threads)
+                    for i, device in enumerate(workers)]
             pool.map(_tune, jobs)
         params = best_params(study, spec)
     done_seeds = {int(k.split(".")[1]): v for k, v in study.user_attrs.items()
@@ -123,11 +131,16 @@ def _run_arm(spec: CompareSpec, target, arm: str, devices: Sequence[str], pool,
     if on_step:
         on_step(f"{target.name} · {arm}: held-out seeds ({len(seeds) - len(todo)}/"
                 f"{len(seeds)} done)")
-    jobs = [(study_spec.model_dump_json(), params, s, devices[i % len(devices)])
-            for i, s in enumerate(todo)]
-    for seed, out in pool.imap_unordered(_eval_one, jobs):
-        study.set_user_attr(f"eval.{seed}", out)  # stored as each finishes: resumable
-        done_seeds[seed] = out
-        if tracker:
-            tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec)
+    # One population per device, the seeds dealt out among them.
+    groups = [(devices[i], todo[i::len(devices)]) for i in range(min(len(devices), len(todo)))]
+    cpus = sum(1 for device, _ in groups if device == "cpu")
+    threads = max(1, (os.cpu_count() or 1) // max(1, cpus))
+    jobs = [(study_spec.model_dump_json(), params, part, device, threads)
+            for device, part in groups]
+    for finished in pool.imap_unordered(_eval_seeds, jobs):
+        for seed, out in finished:
+            study.set_user_attr(f"eval.{seed}", out)  # stored as each finishes: resumable
+            done_seeds[seed] = out
+            if tracker:
+                tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec)
     return ArmResult(target.name, arm, params, {s: done_seeds[s] for s in seeds})
