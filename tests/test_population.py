@@ -1,0 +1,143 @@
+"""The population engine trains what `train` trains: member by member, to rounding."""
+
+import logging
+import math
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileBackend
+
+from ganbench.population import BATCHED_TRICKS, train_population, unbatchable
+from ganbench.train import TrainConfig, train
+from ganbench.tricks import TRICKS
+from tests.conftest import ganbench, write_spec
+
+
+def members(steps=100, **common):
+    """Four members of different widths, noise dims, learning rates and D:G ratios."""
+    base = dict(steps=steps, eval_every=50, eval_samples=500, batch_size=64,
+                dtype="float64") | common
+    return [TrainConfig(hidden=h, noise_dim=nz, lr_g=lr, lr_d=2 * lr, d_steps=k, seed=s,
+                        **base)
+            for h, nz, lr, k, s in [(32, 2, 1e-3, 1, 0), (64, 4, 2e-3, 3, 1),
+                                    (32, 2, 5e-4, 2, 2), (64, 4, 1e-3, 1, 3)]]
+
+
+def assert_same(alone, together, tol=1e-10):
+    assert together.status == alone.status and together.steps == alone.steps
+    assert len(together.history) == len(alone.history) > 0
+    for a, b in zip(alone.history, together.history):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=tol, rel=0), key
+    assert together.metrics.keys() == alone.metrics.keys()
+    assert torch.allclose(together.samples, alone.samples, atol=tol, rtol=0)
+
+
+def test_population_equals_separate_runs_in_float64():
+    configs = members()
+    together = train_population(configs, streams="member")
+    for config, result in zip(configs, together):
+        alone = train(config)
+        assert alone.history[-1]["step"] == 100 and "w1" in alone.metrics
+        assert_same(alone, result)
+
+
+@pytest.mark.parametrize("trick", sorted(TRICKS))
+def test_every_trick_is_batched_exactly_or_trained_alone(trick, caplog):
+    params = {"clip": {"c": 0.05}, "gradclip": {"max_norm": 0.5}, "sn": {"g": 1},
+              "ema": {"decay": 0.9}, "r1": {"gamma": 2.0}}.get(trick, {})
+    loss = "wasserstein" if trick == "clip" else "nonsaturating"
+    configs = members(steps=30, tricks={trick: params}, loss=loss, eval_every=15)[:2]
+    with caplog.at_level(logging.WARNING, logger="ganbench.population"):
+        together = train_population(configs, streams="member")
+    lines = [r.getMessage() for r in caplog.records]
+    if trick in BATCHED_TRICKS:
+        assert unbatchable(configs[0]) is None and not lines
+    else:  # one line per member that falls back, naming the reason
+        assert unbatchable(configs[0]) and len(lines) == 2
+        assert all(f"trick {trick} has no batched form" in line for line in lines)
+    for config, result in zip(configs, together):
+        assert_same(train(config), result)
+
+
+def test_a_stopped_member_leaves_and_the_others_do_not_notice():
+    configs = members(steps=100)
+    seen = []
+
+    def on_eval(member, step, row):
+        seen.append((member, step))
+        return member == 1 and step == 50
+
+    results = train_population(configs, on_eval=on_eval, streams="member")
+    assert results[1].status == "stopped" and results[1].steps == 50
+    assert (1, 100) not in seen and (0, 100) in seen
+    assert [r.status for r in results] == ["completed", "stopped", "completed", "completed"]
+    assert_same(train(configs[2]), results[2])
+
+
+def test_a_diverging_member_fails_alone():
+    configs = members(steps=60)
+    configs[2].lr_g = configs[2].lr_d = 1e30
+    configs[2].dtype = configs[0].dtype = "float32"
+    results = train_population(configs)
+    alone = train(configs[2])
+    assert alone.status == results[2].status == "diverged"
+    assert results[2].reason == alone.reason and "diverged at step" in results[2].reason
+    assert math.isinf(results[2].metrics["w1"])
+    assert [r.status for r in results if r is not results[2]] == ["completed"] * 3
+
+
+def test_shared_streams_are_seeded_and_independent_per_member():
+    configs = [TrainConfig(hidden=32, noise_dim=2, steps=40, eval_every=20,
+                           eval_samples=256, batch_size=64, seed=s) for s in (0, 0)]
+    first = train_population(configs, streams="shared")
+    again = train_population(configs, streams="shared")
+    assert first[0].metrics == again[0].metrics and first[1].metrics == again[1].metrics
+    # Same seed, same init, but each member draws its own slice of the bucket's stream.
+    assert first[0].metrics["sliced_w1"] != first[1].metrics["sliced_w1"]
+
+
+def test_bad_streams_value_is_refused():
+    from ganbench.errors import GanbenchError
+
+    with pytest.raises(GanbenchError, match="streams must be one of"):
+        train_population(members(steps=2)[:1], streams="fast")
+
+
+@pytest.mark.slow
+def test_population_sweep_logs_each_member_as_sequential_mode_does(tmp_path, mlflow_server):
+    """A sweep with --population: seed repeats are members, each trial has its MLflow run."""
+    spec_path = write_spec(tmp_path, name="pop", trials=5, seeds=2,
+                           tracking={"uri": mlflow_server.url},
+                           pruner={"name": "median", "n_startup_trials": 1,
+                                   "n_warmup_steps": 0})
+    proc = ganbench("sweep", str(spec_path), "--population", "4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "populations of 4 member(s)" in proc.stdout
+    journal = JournalFileBackend(str(tmp_path / "runs/pop/optuna.log"))
+    study = optuna.load_study(study_name="pop", storage=optuna.storages.JournalStorage(journal))
+    trials = study.get_trials()
+    assert len(trials) == 5 and all(t.user_attrs["execution"] == "population" for t in trials)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert complete
+    for t in complete:  # the mean of two seeds, each as `train` would give it
+        seeds = t.user_attrs["seed_metrics"]
+        assert len(seeds) == 2
+        assert t.values[0] == pytest.approx((seeds[0]["w1"] + seeds[1]["w1"]) / 2)
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("pop")
+    runs = client.search_runs([exp.experiment_id])
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("ganbench.role") == "trial"}
+    assert len(children) == 5
+    for t in trials:
+        run = children[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["state"] == t.state.name
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id,
+                                                                   "sliced_w1"))
+        # Seed 1's curve follows seed 0's, as in sequential mode (unless pruned).
+        assert steps == [20, 40, 60, 80] if t.state.name == "COMPLETE" else steps[0] == 20
