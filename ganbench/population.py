@@ -124,8 +124,10 @@ class _Member:
 def bucket_key(config: TrainConfig) -> tuple:
     """Members with equal keys have equal shapes and programs: they share a bucket."""
     c = _built(config)
+    # The noise dimension is not part of the shape: narrower noise is padded with zeros
+    # (exact: see _Bucket), which lets a sweep over noise_dim still batch.
     return (str(resolve_device(c.device)), c.dtype, c.target, repr(sorted(c.target_params.items())),
-            c.loss, c.activation, c.noise_dim, tuple(c.widths("g")), tuple(c.widths("d")),
+            c.loss, c.activation, tuple(c.widths("g")), tuple(c.widths("d")),
             c.batch_size, c.pack, c.spectral_norm, c.g_spectral_norm, tuple(sorted(c.tricks)))
 
 
@@ -168,6 +170,10 @@ class _Bucket:
             self.rng = torch.Generator(self.device).manual_seed(members[0].config.seed)
         self.d_loss_fn = vmap(self.loss.d)
         self.g_loss_fn = vmap(self.loss.g)
+        # Noise is padded with zeros to the widest member's: the padded input columns and
+        # G's first-layer weight rows they meet are zero, so those rows' gradients, Adam
+        # moments and updates are exactly zero and stay so (and spectral norm is unchanged).
+        self.nz = max(m.config.noise_dim for m in members)
         self.T: dict[str, torch.Tensor] = {}
         per: dict[str, list[torch.Tensor]] = {}
         for m in members:
@@ -183,6 +189,10 @@ class _Bucket:
                     else:
                         per.setdefault(f"{net}.w.{i}", []).append(lin.weight.detach().t())
                     per.setdefault(f"{net}.b.{i}", []).append(lin.bias.detach()[None])
+        for key in ("g.w.0", "g.v.0"):
+            if key in per:
+                per[key] = [F.pad(t, (0, 0, 0, self.nz - t.shape[0]) if t.dim() == 2 else
+                                  (0, self.nz - t.shape[0])) for t in per[key]]
         for key, tensors in per.items():
             self.T[key] = torch.stack(tensors).contiguous()
         for key in list(self.T):
@@ -254,25 +264,33 @@ class _Bucket:
     # ------------------------------------------------------------ data
     def draw(self, members: list[_Member], d_step: bool) -> tuple[torch.Tensor, ...]:
         """Real batch, noise (and GP mixing weights) for ``members``, in ``train``'s order."""
-        c, B = self.c, self.c.batch_size
+        B = self.c.batch_size
         gp = d_step and "gp" in self.tricks
         kw = {"device": self.device, "dtype": self.dtype}
         if self.shared:
             k = len(members)
             real = members[0].target.sample(k * B, self.rng).to(self.dtype).view(k, B, -1) \
                 if d_step else None
-            z = torch.randn(k, B, c.noise_dim, generator=self.rng, **kw)
+            z = torch.randn(k, B, self.nz, generator=self.rng, **kw)
+            if any(m.config.noise_dim < self.nz for m in members):
+                z = z * (torch.arange(self.nz, device=self.device)
+                         < torch.tensor([m.config.noise_dim for m in members],
+                                        device=self.device)[:, None])[:, None, :]
             eps = torch.rand(k, B, 1, generator=self.rng, **kw) if gp else None
             return real, z, eps
         reals, zs, epss = [], [], []
         for m in members:
             if d_step:
                 reals.append(m.target.sample(B, m.rng).to(self.dtype))
-            zs.append(torch.randn(B, c.noise_dim, generator=m.rng, **kw))
+            zs.append(self.pad(torch.randn(B, m.config.noise_dim, generator=m.rng, **kw)))
             if gp:
                 epss.append(torch.rand(B, 1, generator=m.rng, **kw))
         return (torch.stack(reals) if d_step else None, torch.stack(zs),
                 torch.stack(epss) if gp else None)
+
+    def pad(self, z: torch.Tensor) -> torch.Tensor:
+        """Noise [n, noise_dim] padded with zero columns to the bucket's width."""
+        return F.pad(z, (0, self.nz - z.shape[-1])) if z.shape[-1] < self.nz else z
 
     # ------------------------------------------------------------ optimizer
     def adam(self, T: dict[str, torch.Tensor], net: str, grads: list[torch.Tensor],
@@ -524,7 +542,7 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
     finite = torch.stack([torch.isfinite(p.detach()).flatten(1).all(1)
                           for p in b.params(sub, "g") + b.params(sub, "d")], 1).all(1).tolist()
     with torch.no_grad():
-        samples = b.mlp(sub, net, torch.stack([m.z_eval for m in members]))
+        samples = b.mlp(sub, net, torch.stack([b.pad(m.z_eval) for m in members]))
     b.write_back(idx, {k: v for k, v in sub.items() if k.startswith(f"{net}.")})
     samples = samples.to("cpu", torch.float64)
     d_avg = (b.T["d_sum"][due] if idx is not None else b.T["d_sum"]).tolist()
