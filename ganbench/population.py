@@ -22,9 +22,7 @@ What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -48,6 +46,9 @@ from ganbench.train import (
     TrainConfig,
     TrainResult,
     build_models,
+    built_config,
+    diverged_metrics,
+    eval_sample,
     resolve_device,
     train,
 )
@@ -123,20 +124,12 @@ class _Member:
 
 def bucket_key(config: TrainConfig) -> tuple:
     """Members with equal keys have equal shapes and programs: they share a bucket."""
-    c = _built(config)
+    c = built_config(config)
     # The noise dimension is not part of the shape: narrower noise is padded with zeros
     # (exact: see _Bucket), which lets a sweep over noise_dim still batch.
     return (str(resolve_device(c.device)), c.dtype, c.target, repr(sorted(c.target_params.items())),
             c.loss, c.activation, tuple(c.widths("g")), tuple(c.widths("d")),
             c.batch_size, c.pack, c.spectral_norm, c.g_spectral_norm, tuple(sorted(c.tricks)))
-
-
-def _built(config: TrainConfig) -> TrainConfig:
-    """The config the models are built from: tricks may switch on spectral norm or packing."""
-    built = dataclasses.replace(config, tricks=dict(config.tricks))
-    for t in build_tricks(config.tricks):
-        t.configure(built)
-    return built
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -428,22 +421,13 @@ class _Bucket:
 
 def _member(index: int, config: TrainConfig) -> _Member:
     config.validate()
-    built = _built(config)
+    built = built_config(config)
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     target = get_target(config.target, **config.target_params)
-    eval_gen = torch.Generator().manual_seed(config.eval_seed)
-    reference = target.sample(config.eval_samples, eval_gen).to(torch.float64)
-    z_eval = torch.randn(config.eval_samples, config.noise_dim, generator=eval_gen)
+    reference, z_eval = eval_sample(config, target, device, dtype)
     return _Member(index=index, config=config, built=built, target=target,
                    rng=torch.Generator(device).manual_seed(config.seed),
-                   reference=reference, z_eval=z_eval.to(device, dtype))
-
-
-def _diverged_metrics(target: Target) -> dict[str, float]:
-    out: dict[str, float] = {"w1": math.inf, "sliced_w1": math.inf}
-    if target.centers is not None:
-        out |= {"modes": 0, "hq": 0.0, "kl": math.inf}
-    return out
+                   reference=reference, z_eval=z_eval)
 
 
 def train_population(
@@ -485,7 +469,7 @@ def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None
     """Train one bucket until every member has finished, stopped or diverged."""
 
     def finish(m: _Member, status: str, reason: str, step: int) -> None:
-        metrics = _diverged_metrics(m.target) if status == "diverged" else m.metrics
+        metrics = diverged_metrics(m.target) if status == "diverged" else m.metrics
         samples = m.samples if m.samples is not None else torch.empty(0, m.target.dim)
         results[m.index] = TrainResult(
             config=m.config, status=status, steps=step, metrics=metrics, history=m.history,

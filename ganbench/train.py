@@ -161,6 +161,33 @@ def make_optimizer(config: TrainConfig, params, lr: float) -> torch.optim.Optimi
     return torch.optim.SGD(params, lr=lr, momentum=config.momentum)
 
 
+def built_config(config: TrainConfig) -> TrainConfig:
+    """The config the models are built from: tricks may switch on spectral norm or packing
+    (on a copy; the caller's config stays as given)."""
+    built = dataclasses.replace(config, tricks=dict(config.tricks))
+    for t in build_tricks(config.tricks):
+        t.configure(built)
+    return built
+
+
+def eval_sample(config: TrainConfig, target: Target, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed evaluation sample: target points (float64, CPU) and generator noise, the
+    same for every trial with this ``eval_seed``."""
+    eval_gen = torch.Generator().manual_seed(config.eval_seed)
+    reference = target.sample(config.eval_samples, eval_gen).to(torch.float64)
+    z_eval = torch.randn(config.eval_samples, config.noise_dim, generator=eval_gen)
+    return reference, z_eval.to(device, dtype)
+
+
+def diverged_metrics(target: Target) -> dict[str, float]:
+    """The metrics a diverged run reports: the worst value of each."""
+    out: dict[str, float] = {"w1": math.inf, "sliced_w1": math.inf}
+    if target.centers is not None:
+        out |= {"modes": 0, "hq": 0.0, "kl": math.inf}
+    return out
+
+
 OnEval = Callable[[int, dict[str, float]], "bool | None"]
 OnStep = Callable[[int, float, float], None]
 STEP_REPORT_EVERY = 10  # on_step cadence: live losses for progress bars, cheap enough
@@ -181,9 +208,7 @@ def train(
     loss = get_loss(config.loss)
     # Tricks may change how the models are built (spectral norm, packing): on a copy.
     tricks = build_tricks(config.tricks)
-    built = dataclasses.replace(config, tricks=dict(config.tricks))
-    for t in tricks:
-        t.configure(built)
+    built = built_config(config)
     g, d = build_models(built, target)
     g.to(device, dtype)
     d.to(device, dtype)
@@ -194,10 +219,7 @@ def train(
         t.setup(g, d, built, rng)
 
     # The fixed evaluation sample: the same target points and noise for every trial.
-    eval_gen = torch.Generator().manual_seed(config.eval_seed)
-    reference = target.sample(config.eval_samples, eval_gen).to(torch.float64)
-    z_eval = torch.randn(config.eval_samples, config.noise_dim, generator=eval_gen)
-    z_eval = z_eval.to(device, dtype)
+    reference, z_eval = eval_sample(config, target, device, dtype)
 
     def noise(n: int) -> torch.Tensor:
         return torch.randn(n, config.noise_dim, generator=rng, device=device, dtype=dtype)
@@ -281,9 +303,7 @@ def train(
                 break
 
     if status == "diverged":
-        last = {"w1": math.inf, "sliced_w1": math.inf}
-        if target.centers is not None:
-            last |= {"modes": 0, "hq": 0.0, "kl": math.inf}
+        last = diverged_metrics(target)
     return TrainResult(
         config=config, status=status, steps=step, metrics=last, history=history,
         samples=samples, reference=reference.float(), reason=reason,
