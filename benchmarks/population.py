@@ -13,7 +13,11 @@ Members differ in seed and learning rates, as a sweep's do.
 Each row gives aggregate generator iterations per second (all members' G steps over wall
 time, model building and one final evaluation on 500 samples included), trials per hour
 for a 2000-step trial at that rate, the ratios to (a) and (b), and the share of the
-measured matmul peak that the networks' matrix products reach.
+measured matmul peak that the networks' matrix products reach. After the mixed scenario,
+a table per bucket shows where its time goes: each bucket's rate one at a time, as a
+population, and that of its bare batched product, which bounds what batching can win; and
+the same population without noise padding. Last, the share of a population's wall time that
+its metrics take under the mog study's evaluation schedule.
 
     python benchmarks/population.py [--steps 200] [--device auto] [--quick]
 """
@@ -26,13 +30,14 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ganbench.population import train_population, tune_allocator  # noqa: E402
+from ganbench.population import bucket_key, train_population, tune_allocator  # noqa: E402
 from ganbench.train import TrainConfig, resolve_device, train  # noqa: E402
 
 TRIAL_STEPS = 2000  # the trial length "trials per hour" refers to
@@ -102,6 +107,46 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def bmm_rate(n: int, batch: int, hidden: int, device: torch.device) -> float:
+    """Measured FLOP/s of the hidden-to-hidden batched product ``[n,B,H] @ [n,H,H]``."""
+    x = torch.randn(n, batch, hidden, device=device)
+    w = torch.randn(n, hidden, hidden, device=device)
+    for _ in range(3):
+        torch.bmm(x, w)
+    reps = 10
+    seconds = timed(lambda: [torch.bmm(x, w) for _ in range(reps)], device)
+    return 2 * n * batch * hidden**2 * reps / seconds
+
+
+def bucket_profile(members: list[TrainConfig], seq_seconds: dict[int, float], steps: int,
+                   device: torch.device) -> None:
+    """Where a mixed population's time goes, bucket by bucket.
+
+    For each bucket: its share of the matmul FLOPs, the rate one-at-a-time training reached
+    on its members, the rate of the bucket trained alone as a population, and the rate of
+    its hidden layer's batched product by itself. The last line bounds the speed-up: the
+    sequential time over the time every bucket would take at its bare bmm rate.
+    """
+    buckets: dict[tuple, list[TrainConfig]] = {}
+    for c in members:
+        buckets.setdefault(bucket_key(c), []).append(c)
+    total = sum(iteration_flops(c) for c in members) * steps
+    print("\n### the mixed population bucket by bucket (GFLOP/s of the matmuls)")
+    print(f"{'hidden':>8}{'members':>9}{'% FLOPs':>9}{'seq':>8}{'population':>12}"
+          f"{'bare bmm':>10}")
+    ceiling = 0.0
+    for grp in sorted(buckets.values(), key=lambda g: g[0].hidden):
+        flops = sum(iteration_flops(c) for c in grp) * steps
+        seq = sum(seq_seconds[id(c)] for c in grp)
+        pop = timed(lambda grp=grp: train_population(grp), device)
+        bare = bmm_rate(len(grp), grp[0].batch_size, grp[0].hidden, device)
+        ceiling += flops / bare
+        print(f"{grp[0].hidden:>8}{len(grp):>9}{100 * flops / total:>8.1f}%"
+              f"{flops / seq / 1e9:>8.0f}{flops / pop / 1e9:>12.0f}{bare / 1e9:>10.0f}")
+    print(f"ceiling with every bucket at its bare bmm rate: "
+          f"{sum(seq_seconds.values()) / ceiling:.2f}x sequential")
+
+
 def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
                  device: torch.device, pool: mp.pool.Pool, n_pool: int, peak: float
                  ) -> dict[str, float]:
@@ -125,8 +170,13 @@ def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
     # The naive modes run the same configs as the largest population (or the first few of
     # them, when all members have one shape: the rate does not depend on which).
     naive = members if kind == "mixed" else members[:n_naive]
-    rows["seq"] = row("naive sequential", naive,
-                      timed(lambda: [train(c) for c in naive], device))
+    seq_seconds: dict[int, float] = {}
+
+    def sequential() -> None:
+        for c in naive:
+            seq_seconds[id(c)] = timed(lambda c=c: train(c), device)
+
+    rows["seq"] = row("naive sequential", naive, timed(sequential, device))
     batch = members if kind == "mixed" else members[:max(n_pool, n_naive)]
     rows["pool"] = row(f"naive pool ({n_pool} procs)", batch,
                        timed(lambda: pool.map(_pool_train, batch, chunksize=1), device))
@@ -134,7 +184,38 @@ def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
         part = members[:k]
         rows[f"K={k}"] = row(f"population K={k}", part,
                              timed(lambda part=part: train_population(part), device))
+    if kind == "mixed":
+        # The same population without noise padding: one bucket per width *and* noise
+        # dimension. Buckets train one after another either way, so training each such
+        # group as its own population is exactly the unpadded engine.
+        groups: dict[tuple, list[TrainConfig]] = {}
+        for c in members:
+            groups.setdefault((bucket_key(c), c.noise_dim), []).append(c)
+        row(f"K={len(members)}, noise unpadded", members,
+            timed(lambda: [train_population(g) for g in groups.values()], device))
+        print(f"(buckets: {len({bucket_key(c) for c in members})} with noise padded, "
+              f"{len(groups)} without)")
+        bucket_profile(members, seq_seconds, steps, device)
     return rows
+
+
+def metrics_share(device: torch.device, steps: int, every: int) -> None:
+    """Share of a population's wall time spent in metrics, with a study's evaluation
+    schedule: sliced W1 and modes on 2500 samples every ``every`` steps, exact W1 at the end."""
+    members = [replace(c, eval_every=every, eval_samples=2500)
+               for c in configs("d1", 16, steps, str(device))]
+    import ot  # noqa: F401  POT's import (2-3 s, once per process) is not a per-trial cost
+
+    print(f"\n## metrics cost (H=128), {steps} G steps, evaluated every {every} steps")
+    alone = train(members[0])
+    print(f"one trial at a time: metrics {alone.eval_seconds:.1f} s of {alone.seconds:.1f} s "
+          f"wall: {100 * alone.eval_seconds / alone.seconds:.1f}%")
+    start = time.perf_counter()
+    results = train_population(members)
+    wall = time.perf_counter() - start
+    spent = sum(r.eval_seconds for r in results)
+    print(f"population of {len(members)}: metrics {spent:.1f} s of {wall:.1f} s wall: "
+          f"{100 * spent / wall:.1f}%")
 
 
 def main() -> None:
@@ -163,6 +244,7 @@ def main() -> None:
     with ctx.Pool(n_pool, initializer=_pool_init, initargs=(threads,)) as pool:
         warm = configs("d1", n_pool, 5, str(device))
         pool.map(_pool_train, warm, chunksize=1)   # imports and first calls, not timed
+        train(warm[0])  # this process's first calls, not timed either
         train_population(warm[:2])
         same = run_scenario("d1", "same shape, H=128, noise 8, batch 256, d_steps 1", steps,
                             ks, 4, device, pool, n_pool, peak)
@@ -171,6 +253,8 @@ def main() -> None:
         # A mixed population's rate depends on its members: every mode trains the same ones.
         run_scenario("mixed", "mixed, H 32..512, noise 2..128, d_steps 1..5",
                      max(steps // 4, 10), [max(ks)], 0, device, pool, n_pool, peak)
+    # The shipped mog study's schedule (1500 steps, evaluated every 250).
+    metrics_share(device, 250 if args.quick else 1500, 50 if args.quick else 250)
     k = 64 if 64 in ks else max(ks)
     print(f"\npopulation speedup vs sequential at K={k}: {same[f'K={k}'] / same['seq']:.2f}x")
 
