@@ -49,12 +49,8 @@ def matmul_peak(device: torch.device) -> float:
     a = torch.randn(n, n, device=device)
     for _ in range(3):
         a @ a
-    sync(device)
-    reps, t0 = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    reps = 10
+    return 2 * n**3 * reps / timed(lambda: [a @ a for _ in range(reps)], device)
 
 
 def sync(device: torch.device) -> None:

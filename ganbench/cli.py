@@ -218,7 +218,7 @@ def sweep_cmd(
         resolve_device(d)
     study, tracking = _open(spec)
     done, _ = sweep.count_trials(study.get_trials(deepcopy=False))
-    device_list = device_list[:max(1, spec.trials - done)]  # as many workers as trials left
+    device_list = sweep.needed_workers(device_list, spec.trials, done)
     how = (f"populations of {spec.execution.size} member(s)" if pop else "one trial at a time")
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(device_list)} worker(s) on "

@@ -9,7 +9,6 @@ that study, so a rerun skips what is done.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -53,10 +52,8 @@ def _eval_seeds(args: tuple[str, dict[str, Any], list[int], str, int]
     if device == "cpu":
         torch.set_num_threads(threads)
     study = StudySpec.model_validate_json(study_json)
-    configs = [study.trial_config(params, seed=seed) for seed in seeds]
-    for config in configs:
-        config.device = device
     out = []
+    configs = sweep.seed_configs(study, params, device, seeds)
     for seed, result in zip(seeds, train_population(configs)):
         row: dict[str, Any] = {k: float(v) for k, v in result.metrics.items()}
         row |= {"status": result.status, "reason": result.reason, "seconds": result.seconds}
@@ -134,7 +131,7 @@ def _run_arm(spec: CompareSpec, target, arm: str, devices: Sequence[str], pool,
     # One population per device, the seeds dealt out among them.
     groups = [(devices[i], todo[i::len(devices)]) for i in range(min(len(devices), len(todo)))]
     cpus = sum(1 for device, _ in groups if device == "cpu")
-    threads = max(1, (os.cpu_count() or 1) // max(1, cpus))
+    threads = sweep.population_threads(cpus)
     jobs = [(study_spec.model_dump_json(), params, part, device, threads)
             for device, part in groups]
     for finished in pool.imap_unordered(_eval_seeds, jobs):

@@ -3,10 +3,11 @@
 Small GANs leave a machine idle: a 128-unit MLP at batch 256 is a small matrix product.
 ``train_population(configs)`` trains many configurations together: members of equal shape
 (a *bucket*) keep their weights stacked as ``[K, in, out]`` tensors applied with
-``torch.baddbmm``, one batched Adam with per-member learning rates and betas updates them,
-and per-member D:G ratios are honoured by running a D step only on the members that still
-take it. Members of different shapes go to different buckets; nothing is padded, so every
-member computes exactly what ``train`` computes.
+``torch.bmm`` and an in-place bias add, one batched Adam with per-member learning rates and
+betas updates them, and per-member D:G ratios are honoured by running a D step only on the
+members that still take it. Members of different widths go to different buckets; only a
+narrower noise is padded, with zeros that stay exactly zero, so every member computes what
+``train`` computes.
 
 Each member keeps its own random stream by default (``streams="member"``): it draws its
 real batches, noise and penalty mixing weights from ``torch.Generator().manual_seed(seed)``

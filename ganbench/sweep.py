@@ -354,8 +354,11 @@ def _begin_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, devi
     return params, (tracker.start_trial(trial, spec, params) if tracker else None)
 
 
-def _seed_configs(spec: StudySpec, params: dict[str, Any], device: str) -> list[TrainConfig]:
-    configs = [spec.trial_config(params, seed=i) for i in range(spec.seeds)]
+def seed_configs(spec: StudySpec, params: dict[str, Any], device: str,
+                 seeds: Sequence[int] | None = None) -> list[TrainConfig]:
+    """The trainer configs of ``params`` on ``seeds`` (default: the study's search seeds)."""
+    seeds = range(spec.seeds) if seeds is None else seeds
+    configs = [spec.trial_config(params, seed=i) for i in seeds]
     for config in configs:
         config.device = device
     return configs
@@ -445,7 +448,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device:
     try:
         params, run = _begin_trial(study, trial, spec, device, tracker)
         results: list[TrainResult] = []
-        for i, config in enumerate(_seed_configs(spec, params, device)):
+        for i, config in enumerate(seed_configs(spec, params, device)):
             results.append(train(config, _eval_callback(spec, trial, run, i, config.steps),
                                  _stopper(should_stop)))
             if results[-1].status != "completed":
@@ -474,7 +477,7 @@ def run_population(study: optuna.Study, trials: Sequence[optuna.Trial], spec: St
         for t, trial in enumerate(trials):
             params, run = _begin_trial(study, trial, spec, device, tracker)
             begun.append((trial, run))
-            for i, config in enumerate(_seed_configs(spec, params, device)):
+            for i, config in enumerate(seed_configs(spec, params, device)):
                 configs.append(config)
                 callbacks.append(_eval_callback(spec, trial, run, i, config.steps))
                 owner.append(t)
@@ -619,7 +622,18 @@ def cpu_threads(spec: StudySpec, cpu_workers: int) -> int:
     for one small model); a population worker shares the cores with the other CPU workers."""
     if spec.execution.mode != "population":
         return 1
+    return population_threads(cpu_workers)
+
+
+def population_threads(cpu_workers: int) -> int:
+    """Torch threads of each of ``cpu_workers`` population workers: the cores shared out."""
     return max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+
+
+def needed_workers(devices: Sequence[str], total: int, done: int) -> list[str]:
+    """The first of ``devices``, as many as trials are left (at least one): more workers
+    would only start and stop again."""
+    return list(devices)[:max(1, total - done)]
 
 
 def _worker_process(spec_json: str, device: str, total: int, deadline: float | None,
@@ -698,8 +712,7 @@ def run_sweep(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
     snap = snapshot(study, spec, total)
     if snap.done >= total:
         return snap
-    # More workers than trials left would only start and stop again.
-    devices = list(devices)[:max(1, total - snap.done)]
+    devices = needed_workers(devices, total, snap.done)
     procs = start_workers(spec, devices, total, deadline, tracking)
     # Ctrl-C reaches the workers directly (same process group). Here it only sets a flag
     # checked by the loop, so it never lands inside a library's cleanup callback.
