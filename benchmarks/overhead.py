@@ -35,6 +35,7 @@ def main() -> None:
 
     from ganbench import sweep
     from ganbench.spec import load_spec
+    from ganbench.study import open_study
     from ganbench.tracking import Tracker
     from ganbench.train import train
 
@@ -73,7 +74,7 @@ def main() -> None:
             os.chdir(tmp)
             try:
                 s = spec.model_copy(update={"name": f"overhead-{tracking}"})
-                study = sweep.open_study(s)
+                study = open_study(s)
                 for params in grid:
                     study.enqueue_trial(params)
                 tracker = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -22,8 +21,20 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from ganbench import __version__
+
+        print(f"ganbench {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Hyperparameter sweeps and benchmarks for GANs on synthetic targets."""
 
 
@@ -49,13 +60,14 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def _metrics_table(metrics: dict, title: str) -> Table:
+    from ganbench.metrics import METRICS, format_value
+
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("w1", "sliced_w1", "modes", "hq", "kl"):
+    for key in METRICS:
         if key in metrics:
-            value = metrics[key]
-            table.add_row(key, f"{value:d}" if isinstance(value, int) else f"{value:.4g}")
+            table.add_row(key, format_value(key, metrics[key]))
     return table
 
 
@@ -130,46 +142,52 @@ PopulationOpt = typer.Option(None, "--population", help="Train K members (trials
                              "at once as one batched population (spec: execution).")
 
 
-def _load(spec_path: Path, sets: list[str], trials: int | None = None,
-          storage: str | None = None, tracking_uri: str | None = None,
-          workers: int | None = None, population: int | None = None):
-    """Load a spec with --set and the shortcut options applied, checked before anything runs."""
-    from ganbench.spec import load_spec
-    from ganbench.sweep import check_spec
-
-    overrides = list(sets)
+def _overrides(sets: list[str], **shortcuts) -> list[str]:
+    """--set items plus the shortcut options given (as dotted.key=value overrides)."""
+    out = list(sets)
+    population = shortcuts.pop("population", None)
     if population is not None:
-        overrides += ["execution.mode=population", f"execution.size={population}"]
-    for key, value in (("trials", trials), ("storage", storage), ("tracking.uri", tracking_uri),
-                       ("workers", workers)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    spec = load_spec(spec_path, overrides)
+        out += ["execution.mode=population", f"execution.size={population}"]
+    out += [f"{key.replace('__', '.')}={value}" for key, value in shortcuts.items()
+            if value is not None]
+    return out
+
+
+def _load(spec_path: Path, sets: list[str], **shortcuts):
+    """Load a study with --set and the shortcut options applied, checked before anything runs."""
+    from ganbench.spec import load_spec
+
+    spec = load_spec(spec_path, _overrides(sets, **shortcuts))
+    from ganbench.study import check_spec  # loads Optuna: after the spec is read
+
     check_spec(spec, str(spec_path))
     return spec
 
 
 def _objective_label(spec) -> str:
+    from ganbench.metrics import METRICS
+
     return ", ".join(f"{o.metric} {'↓' if o.direction == 'minimize' else '↑'}"
-                     for o in spec.objectives)
+                     for o in spec.objectives if o.metric in METRICS)
 
 
-def _print_leaderboard(spec, study, top: int = 10) -> None:
+def _leaderboard(spec, study, write: bool, top: int = 10) -> None:
+    """Print the best trials (the Pareto front when multi-objective); with ``write``, also
+    reports/<name>/leaderboard.csv and .md."""
+    from ganbench.metrics import METRICS
     from ganbench.report import study_frame, write_leaderboard
 
     objectives = [(o.metric, o.direction) for o in spec.objectives]
     frame = study_frame(study, objectives)
-    pareto = "pareto" in frame
     if frame.empty:
         console.print("no finished trials yet")
         return
-    out = Path("reports") / spec.name
-    files = write_leaderboard(frame, out)
+    pareto = "pareto" in frame
     shown = frame[frame["pareto"]] if pareto else frame[frame["state"] == "COMPLETE"].head(top)
-    title = ("Pareto front" if pareto else "best trials") + f" ({_objective_label(spec)})"
-    table = Table(title=title)
+    table = Table(title=("Pareto front" if pareto else "best trials") +
+                  f" ({_objective_label(spec)})")
     cols = ["number"] + [f"objective_{m}" for m, _ in objectives] + list(spec.search) + [
-        c for c in ("w1", "modes", "hq", "kl") if c in frame and f"objective_{c}" not in frame]
+        m for m in METRICS if f"objective_{m}" not in frame]
     cols = [c for c in dict.fromkeys(cols) if c in frame]
     for c in cols:
         table.add_column(c.removeprefix("objective_").replace("number", "#"), justify="right",
@@ -177,7 +195,9 @@ def _print_leaderboard(spec, study, top: int = 10) -> None:
     for row in shown[cols].itertuples(index=False):
         table.add_row(*[_fmt(v) for v in row])
     console.print(table)
-    console.print(f"wrote {files[0]} and {files[1]}")
+    if write:
+        files = write_leaderboard(frame, Path("reports") / spec.name)
+        console.print(f"wrote {files[0]} and {files[1]}")
 
 
 def _fmt(v) -> str:
@@ -186,10 +206,14 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def _status_line(spec, snap, by_worker: bool = True) -> str:
+def _status_line(snap) -> str:
     best = f"best {snap.best[0]:.4g}" if snap.best else "best –"
     running = ", ".join(f"#{t.number}@{t.user_attrs.get('device', '?')}" for t in snap.running)
     return f"{best}  running: {running or '–'}"
+
+
+def _devices(devices: str | None) -> list[str] | None:
+    return devices.split(",") if devices else None
 
 
 @app.command("sweep")
@@ -206,68 +230,31 @@ def sweep_cmd(
 
     Rerunning continues where it stopped; raising --trials tops up.
     """
-    from ganbench import sweep
+    spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
+                 workers=workers, population=population)
+    from ganbench.workers import plan_sweep, run_sweep
 
-    spec = _load(spec_path, sets, trials, storage, tracking_uri, workers, population)
-    pop = spec.execution.mode == "population"
-    device_list = sweep.default_devices(spec.workers, devices.split(",") if devices else None,
-                                        population=pop)
-    for d in set(device_list):
-        from ganbench.train import resolve_device
-
-        resolve_device(d)
-    study, tracking = _open(spec)
-    done, _ = sweep.count_trials(study.get_trials(deepcopy=False))
-    device_list = sweep.needed_workers(device_list, spec.trials, done)
-    how = (f"populations of {spec.execution.size} member(s)" if pop else "one trial at a time")
+    plan = plan_sweep(spec, _devices(devices))
+    how = (f"populations of {spec.execution.size} member(s)"
+           if spec.execution.mode == "population" else "one trial at a time")
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
-                  f"{spec.trials} trials · {len(device_list)} worker(s) on "
-                  f"{', '.join(sorted(set(device_list)))} · {how}")
+                  f"{spec.trials} trials · {len(plan.devices)} worker(s) on "
+                  f"{', '.join(sorted(set(plan.devices)))} · {how}")
     with _progress() as progress:
         task = progress.add_task("trials", total=spec.trials, info="")
 
         def on_poll(snap) -> None:
-            progress.update(task, completed=min(snap.done, snap.total),
-                            info=_status_line(spec, snap))
+            progress.update(task, completed=min(snap.done, snap.total), info=_status_line(snap))
 
         try:
-            if tracking is not None:
-                tracking.close_orphans(study)
-            sweep.run_sweep(spec, device_list, tracking and tracking.handle, on_poll,
-                            on_lost=tracking and tracking.end_lost)
+            run_sweep(plan, on_poll)
         except KeyboardInterrupt:
-            if tracking is not None:
-                tracking.close_orphans(study)
             progress.stop()
-            _print_leaderboard(spec, study)
+            _leaderboard(spec, plan.study, write=True)
             console.print("[yellow]interrupted: running trials were marked; rerun the same "
                           "command to continue[/]")
             raise
-        finally:
-            if tracking is not None:
-                tracking.finish(study)
-    _print_leaderboard(spec, study)
-
-
-def _open(spec):
-    """Check the tracking server, open the storage and study, then the study's parent run.
-
-    The order makes every unreachable service a one-line error before anything is created.
-    """
-    from ganbench import sweep
-
-    tracker = None
-    if spec.tracking is not False:
-        from ganbench.tracking import check_reachable, resolve_uri
-
-        check_reachable(resolve_uri(spec.tracking.uri))
-    study = sweep.open_study(spec)
-    if spec.tracking is not False:
-        from ganbench.tracking import Tracker
-
-        tracker = Tracker.for_study(spec, spec.model_dump(exclude_none=True, mode="json"),
-                                    spec.storage or str(sweep.run_dir(spec) / "optuna.log"))
-    return study, tracker
+    _leaderboard(spec, plan.study, write=True)
 
 
 @app.command("worker")
@@ -278,31 +265,20 @@ def worker_cmd(
     population: Optional[int] = PopulationOpt,
 ) -> None:
     """Join a study as one worker (e.g. from another machine, with a shared --storage)."""
-    import torch
+    spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
+                 population=population)
+    from ganbench.study import storage_label
+    from ganbench.workers import join_study
 
-    from ganbench import sweep
-    from ganbench.train import resolve_device
-
-    spec = _load(spec_path, sets, trials, storage, tracking_uri, population=population)
-    dev = str(resolve_device(device))
-    if dev == "cpu":
-        torch.set_num_threads(sweep.cpu_threads(spec, 1))
-    study, tracking = _open(spec)
-    sweep.recover_dead_workers(study, tracking and tracking.end_lost)
-    deadline = time.time() + spec.timeout if spec.timeout else None
-    where = (f"journal {sweep.run_dir(spec) / 'optuna.log'}" if spec.storage is None
-             else "RDB storage")
-    console.print(f"worker on {dev} joined study [bold]{spec.name}[/] ({where})")
+    def on_join(dev: str) -> None:
+        console.print(f"worker on {dev} joined study [bold]{spec.name}[/] "
+                      f"({storage_label(spec)})")
 
     def on_trial(o) -> None:
         vals = ", ".join(f"{v:.4g}" for v in o.values) if o.values else o.reason
         console.print(f"trial {o.number}: {o.state.name} {vals}")
 
-    try:
-        ran = sweep.worker_loop(spec, dev, spec.trials, deadline, tracking, on_trial)
-    finally:
-        if tracking is not None:
-            tracking.finish(study)
+    ran = join_study(spec, device, on_join, on_trial)
     console.print(f"worker done: ran {ran} trial(s)")
 
 
@@ -310,13 +286,20 @@ def worker_cmd(
 def status_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
 ) -> None:
-    """Counts of trials by state and the best trials, read from the storage."""
-    from ganbench import sweep
+    """Counts of trials by state and the best trials, read from the storage (a comparison:
+    each arm's progress). Writes nothing."""
+    from ganbench.spec import CompareSpec, load_any
 
-    spec = _load(spec_path, sets, storage=storage)
-    study = sweep.open_study(spec, create=False)
+    spec = load_any(spec_path, _overrides(sets, storage=storage))
+    if isinstance(spec, CompareSpec):
+        _compare_status(spec)
+        return
+    from ganbench.recovery import count_trials
+    from ganbench.study import open_study
+
+    study = open_study(spec, create=False)
     trials = study.get_trials(deepcopy=False)
-    done, running = sweep.count_trials(trials)
+    done, _ = count_trials(trials)
     table = Table(title=f"study {spec.name}: {done}/{spec.trials} counted trials")
     table.add_column("state")
     table.add_column("trials", justify="right")
@@ -325,7 +308,18 @@ def status_cmd(
         if n:
             table.add_row(state, str(n))
     console.print(table)
-    _print_leaderboard(spec, study)
+    _leaderboard(spec, study, write=False)
+
+
+def _compare_status(spec) -> None:
+    from ganbench.compare import progress
+
+    table = Table(title=f"comparison {spec.name}: {spec.mode}, budget {spec.budget} per arm")
+    for col in ("target", "arm", "tuning trials", "held-out seeds"):
+        table.add_column(col, justify="left" if col in ("target", "arm") else "right")
+    for p in progress(spec):
+        table.add_row(p.target, p.arm, f"{p.tuned}/{p.budget}", f"{p.heldout}/{p.seeds}")
+    console.print(table)
 
 
 @app.command("report")
@@ -334,15 +328,23 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                        "reports/<name>)."),
 ) -> None:
-    """Write tables and plots of a study from its storage: reports/<name>/index.html."""
-    from ganbench import sweep
-    from ganbench.report import write_study_report
+    """Write tables and plots of a study or a comparison from its storage:
+    reports/<name>/index.html."""
+    from ganbench.spec import CompareSpec, load_any
 
-    spec = _load(spec_path, sets, storage=storage)
-    study = sweep.open_study(spec, create=False)
-    out = out or Path("reports") / spec.name
-    files = write_study_report(study, [(o.metric, o.direction) for o in spec.objectives],
-                               list(spec.search), out, spec.trials)
+    spec = load_any(spec_path, _overrides(sets, storage=storage))
+    if isinstance(spec, CompareSpec):
+        from ganbench.compare import rebuild
+
+        files = rebuild(spec, out).files
+    else:
+        from ganbench.report import write_study_report
+        from ganbench.study import open_study
+
+        study = open_study(spec, create=False)
+        files = write_study_report(study, [(o.metric, o.direction) for o in spec.objectives],
+                                   list(spec.search), out or Path("reports") / spec.name,
+                                   spec.trials)
     for f in files:
         console.print(f"wrote {f}")
 
@@ -360,60 +362,25 @@ def compare_cmd(
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
     each best configuration on held-out seeds, test against the baseline arm."""
-    import pandas as pd
-
-    from ganbench import compare, sweep
-    from ganbench.report import compare_stats, write_compare_report
-    from ganbench.spec import load_compare, read_yaml
+    from ganbench.spec import QUICK, load_compare, read_yaml
 
     overrides = []
     if quick:
-        overrides = compare.QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"]
-    for key, value in (("storage", storage), ("tracking.uri", tracking_uri),
-                       ("workers", workers)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    spec = load_compare(spec_path, overrides + list(sets))
-    first = spec.arm_study(spec.targets[0], spec.baseline)
-    sweep.check_spec(first, str(spec_path))
-    device_list = sweep.default_devices(spec.workers, devices.split(",") if devices else None)
-    root = None
-    if spec.tracking is not False:
-        from ganbench.tracking import Tracker, check_reachable, resolve_uri
+        overrides = QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"]
+    spec = load_compare(spec_path, overrides + _overrides(
+        sets, storage=storage, tracking__uri=tracking_uri, workers=workers))
+    from ganbench import compare
+    from ganbench.workers import default_devices
 
-        check_reachable(resolve_uri(spec.tracking.uri))
-    sweep.get_storage(first)  # an unreachable storage fails here, before any training
-    if spec.tracking is not False:
-        root = Tracker.for_compare(spec, spec.model_dump(exclude_none=True, mode="json"))
-
-    def tracker_for(target: str, arm: str):
-        return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
-                                                "ganbench.study": spec.name, "arm": arm,
-                                                "target": target})
-
+    device_list = default_devices(spec.workers, _devices(devices))
     n = len(spec.targets) * len(spec.arms)
     console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
                   f"{len(spec.targets)} target(s) · {spec.mode}: budget {spec.budget} trials "
                   f"per arm · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
     step = iter(range(1, 2 * n + 1))
-    results = compare.run_compare(spec, device_list, tracker_for if root else None,
-                                  lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
-    rows, samples, references = [], {}, {}
-    for r in results:
-        study = sweep.open_study(spec.arm_study(
-            next(t for t in spec.targets if t.name == r.target), r.arm))
-        references[r.target] = study.user_attrs.get("reference")
-        for seed, out in r.seeds.items():
-            rows.append({"target": r.target, "arm": r.arm, "seed": seed} | {
-                k: v for k, v in out.items() if k not in ("samples",)})
-        first_seed = min(r.seeds)
-        samples[(r.target, r.arm)] = r.seeds[first_seed].get("samples")
-    runs = pd.DataFrame(rows)
-    out = Path("reports") / spec.name
-    files = write_compare_report(runs, spec.baseline, references, samples, out,
-                                 f"Comparison {spec.name}")
-    table = compare_stats(runs, spec.baseline)
-    for target, sub in table.groupby("target", sort=False):
+    result = compare.run(spec, device_list,
+                         lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
+    for target, sub in result.table.groupby("target", sort=False):
         t = Table(title=f"{target}: mean ± std over {spec.eval_seeds} held-out seeds "
                         f"(p: Mann-Whitney U vs {spec.baseline}, Holm)")
         metrics = list(dict.fromkeys(sub["metric"]))
@@ -428,9 +395,8 @@ def compare_cmd(
                 cells.append(f"{r['mean']:.3g} ± {r['std']:.2g}{p}")
             t.add_row(arm, *cells)
         console.print(t)
-    if root is not None:
-        root.client.set_terminated(root.handle.parent_run_id, "FINISHED")
-    console.print(f"wrote {files[0]}, {files[1]} and {out / 'index.html'}")
+    files = result.files
+    console.print(f"wrote {files[0]}, {files[1]} and {files[-1]}")
 
 
 def _progress() -> Progress:

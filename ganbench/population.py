@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import vmap
 
 from ganbench import metrics as M
+from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError
 from ganbench.losses import get_loss
 from ganbench.models import ACTIVATIONS
@@ -44,7 +45,6 @@ from ganbench.targets import Target, get_target
 from ganbench.train import (
     DTYPES,
     STEP_REPORT_EVERY,
-    TrainConfig,
     TrainResult,
     build_models,
     built_config,
@@ -203,7 +203,7 @@ class _Bucket:
         self.T["d_last"] = torch.zeros(K, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------ per-member values
-    def per(self, values: Sequence[float]) -> float | torch.Tensor:
+    def member_scalar(self, values: Sequence[float]) -> float | torch.Tensor:
         """One per-member constant: a Python number when all members agree (scalar kernels),
         else a [K, 1, 1] tensor that broadcasts over a stacked weight."""
         if all(v == values[0] for v in values):
@@ -295,10 +295,10 @@ class _Bucket:
         lr = [m.config.lr_g if net == "g" else m.config.lr_d for m in members]
         b1 = [m.config.beta1 for m in members]
         b2 = [m.config.beta2 for m in members]
-        step_size = self.per([-(r / (1 - b ** t)) for r, b, t in zip(lr, b1, counts)])
-        bc2_sqrt = self.per([(1 - b ** t) ** 0.5 for b, t in zip(b2, counts)])
-        w1, beta2 = self.per([1 - b for b in b1]), self.per(b2)
-        one_minus_b2 = self.per([1 - b for b in b2])
+        step_size = self.member_scalar([-(r / (1 - b ** t)) for r, b, t in zip(lr, b1, counts)])
+        bc2_sqrt = self.member_scalar([(1 - b ** t) ** 0.5 for b, t in zip(b2, counts)])
+        w1, beta2 = self.member_scalar([1 - b for b in b1]), self.member_scalar(b2)
+        one_minus_b2 = self.member_scalar([1 - b for b in b2])
         with torch.no_grad():
             for key, g in zip(self.keys(net), grads):
                 p, m, s = T[key], T[f"m.{key}"], T[f"s.{key}"]
@@ -315,7 +315,7 @@ class _Bucket:
 
     def clip_grads(self, grads: list[torch.Tensor], members: list[_Member]) -> None:
         """Per-member gradient-norm clipping, as ``clip_grad_norm_`` does for one net."""
-        max_norm = self.per([m.trick("gradclip", "max_norm") for m in members])
+        max_norm = self.member_scalar([m.trick("gradclip", "max_norm") for m in members])
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
         coef = (max_norm if isinstance(max_norm, float) else max_norm.view(-1)) \
             / (norms + 1e-6)
@@ -336,7 +336,7 @@ class _Bucket:
             out = self.disc(T, torch.cat([real, fake], 1))
             d_real, d_fake = out.split(out.shape[1] // 2, 1)
         if "smooth" in self.tricks:
-            target = self.per([m.trick("smooth", "real") for m in members])
+            target = self.member_scalar([m.trick("smooth", "real") for m in members])
             target = torch.full_like(d_real, target) if isinstance(target, float) else \
                 target.view(-1, 1).expand_as(d_real)
             loss = F.binary_cross_entropy_with_logits(d_real, target, reduction="none") \
@@ -345,13 +345,13 @@ class _Bucket:
             loss = self.d_loss_fn(d_real, d_fake)
         if "gp" in self.tricks:
             grad = self.input_grad(T, eps * real + (1 - eps) * fake)
-            loss = loss + self.vec([m.trick("gp", "weight") for m in members]) * \
+            loss = loss + self.member_vector([m.trick("gp", "weight") for m in members]) * \
                 ((grad.norm(dim=-1) - 1) ** 2).mean(-1)
         for name, x in (("r1", real), ("r2", fake)):
             if name in self.tricks:
                 grad = self.input_grad(T, x)
-                loss = loss + 0.5 * self.vec([m.trick(name, "gamma") for m in members]) * \
-                    grad.pow(2).sum(-1).mean(-1)
+                gamma = self.member_vector([m.trick(name, "gamma") for m in members])
+                loss = loss + 0.5 * gamma * grad.pow(2).sum(-1).mean(-1)
         params = self.params(T, "d")
         grads = list(torch.autograd.grad(loss.sum(), params))
         if "gradclip" in self.tricks:
@@ -360,7 +360,7 @@ class _Bucket:
             m.d_count += 1
         self.adam(T, "d", grads, members)
         if "clip" in self.tricks:
-            c = self.per([m.trick("clip", "c") for m in members])
+            c = self.member_scalar([m.trick("clip", "c") for m in members])
             with torch.no_grad():
                 for p in params:
                     p.copy_(torch.clamp(p, -c, c) if isinstance(c, float) else
@@ -379,16 +379,17 @@ class _Bucket:
             m.g_count += 1
         self.adam(T, "g", grads, members)
         if "ema" in self.tricks:
-            weight = self.per([1 - m.trick("ema", "decay") for m in members])
+            weight = self.member_scalar([1 - m.trick("ema", "decay") for m in members])
             with torch.no_grad():
                 for i in range(self.layers["g"]):
                     for kind in "wb":
                         self.T[f"ema.{kind}.{i}"].lerp_(self.T[f"g.{kind}.{i}"], weight)
         return loss.detach()
 
-    def vec(self, values: Sequence[float]) -> torch.Tensor | float:
-        """A per-member constant for [k]-shaped losses."""
-        v = self.per(values)
+    def member_vector(self, values: Sequence[float]) -> torch.Tensor | float:
+        """A per-member constant for [K]-shaped tensors (per-member losses): a Python number
+        when all members agree, else a [K] tensor."""
+        v = self.member_scalar(values)
         return v if isinstance(v, float) else v.view(-1)
 
     # ------------------------------------------------------------ members

@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ganbench.metrics import METRICS  # noqa: E402
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -108,7 +110,14 @@ def _save(fig: "plt.Figure", path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- trial tables
-METRIC_COLUMNS = ("w1", "sliced_w1", "modes", "hq", "kl")
+PLOT_POINTS = 500  # samples kept per trial (and of the target) for the report's scatters
+
+
+def points(x: Any) -> list[list[float]]:
+    """The first PLOT_POINTS samples' first two coordinates, rounded (for JSON storage);
+    ``x`` is a tensor or array of shape [n, d]."""
+    return [[round(float(v), 4) for v in row[:2]] for row in x[:PLOT_POINTS].tolist()]
+
 
 
 def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
@@ -132,7 +141,7 @@ def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
             row[f"objective_{metric}"] = value
         row |= {k: (v if not isinstance(v, list) else str(v)) for k, v in t.params.items()}
         metrics = attrs.get("metrics", {})
-        row |= {m: metrics.get(m) for m in METRIC_COLUMNS}
+        row |= {m: metrics.get(m) for m in METRICS}
         seed_metrics = attrs.get("seed_metrics")
         if seed_metrics:
             for metric, _ in objectives:
@@ -318,90 +327,13 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
 
 
 # ---------------------------------------------------------------- comparisons
-COMPARE_METRICS = {"w1": "minimize", "sliced_w1": "minimize", "modes": "maximize",
-                   "hq": "maximize", "kl": "minimize"}
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
-    p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p)
-    m = len(p)
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, (m - rank) * p[i])
-        adjusted[i] = min(1.0, running)
-    return adjusted.tolist()
-
-
-def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap confidence interval of the mean (``scipy.stats.bootstrap``, BCa,
-    percentile when BCa is undefined); a constant sample gives (mean, mean)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2 or np.ptp(values) == 0:
-        return float(values.mean()), float(values.mean())
-    for method in ("BCa", "percentile"):
-        res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=2000,
-                              method=method, rng=np.random.default_rng(seed))
-        low, high = res.confidence_interval
-        if np.isfinite(low) and np.isfinite(high):
-            return float(low), float(high)
-    return float("nan"), float("nan")
-
-
-def compare_stats(runs: "pd.DataFrame", baseline: str,
-                  metrics: dict[str, str] | None = None) -> "pd.DataFrame":
-    """Per target, arm and metric: n, mean, std, 95% bootstrap CI, rank, two-sided
-    Mann-Whitney U p-value against the baseline arm and its Holm-adjusted value.
-
-    ``runs`` has one row per (target, arm, seed) with a column per metric.
-    """
-    import pandas as pd
-    from scipy import stats
-
-    metrics = metrics or {m: d for m, d in COMPARE_METRICS.items() if m in runs}
-    rows = []
-    for (target, metric), direction in [((t, m), d) for t in runs["target"].unique()
-                                        for m, d in metrics.items()]:
-        sub = runs[runs["target"] == target]
-        if sub[metric].isna().all():
-            continue
-        base = sub.loc[sub["arm"] == baseline, metric].to_numpy(float)
-        block = []
-        for arm, group in sub.groupby("arm", sort=False):
-            vals = group[metric].to_numpy(float)
-            low, high = bootstrap_ci(vals)
-            p = float("nan")
-            if arm != baseline and len(vals) and len(base):
-                p = float(stats.mannwhitneyu(vals, base, alternative="two-sided").pvalue)
-            block.append({"arm": arm, "target": target, "metric": metric, "n": len(vals),
-                          "mean": float(vals.mean()), "std": float(vals.std(ddof=1))
-                          if len(vals) > 1 else 0.0, "ci_low": low, "ci_high": high,
-                          "p_value": p})
-        means = pd.Series([b["mean"] for b in block])
-        ranks = means.rank(ascending=direction == "minimize", method="min")
-        tested = [i for i, b in enumerate(block) if not np.isnan(b["p_value"])]
-        adjusted = holm([block[i]["p_value"] for i in tested]) if tested else []
-        for i, b in enumerate(block):
-            b["rank"] = int(ranks[i])
-            b["p_holm"] = adjusted[tested.index(i)] if i in tested else float("nan")
-        rows += block
-    cols = ["arm", "target", "metric", "n", "mean", "std", "ci_low", "ci_high", "rank",
-            "p_value", "p_holm"]
-    return pd.DataFrame(rows, columns=cols)
-
-
 def compare_markdown(table: "pd.DataFrame", baseline: str) -> str:
     """One table per target: arms as rows, 'mean ± std [CI]' per metric, p vs baseline."""
     out = []
     for target, sub in table.groupby("target", sort=False):
         metrics = list(dict.fromkeys(sub["metric"]))
         lines = [f"### {target}\n",
-                 "| arm | " + " | ".join(f"{m} ({'↓' if COMPARE_METRICS[m] == 'minimize' else '↑'})"
-                                       for m in metrics) + " |",
+                 "| arm | " + " | ".join(f"{m} ({METRICS[m].arrow})" for m in metrics) + " |",
                  "|---|" + "---|" * len(metrics)]
         for arm, rows in sub.groupby("arm", sort=False):
             cells = []
@@ -431,18 +363,18 @@ def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
         ax.boxplot(data, tick_labels=arms)
         for i, d in enumerate(data, start=1):
             ax.scatter(np.full(len(d), i), d, s=10, c="#1f77b4", zorder=3)
-        arrow = "lower" if COMPARE_METRICS[metric] == "minimize" else "higher"
+        arrow = "lower" if METRICS[metric].direction == "minimize" else "higher"
         ax.set_title(f"{target}: {metric} ({arrow} is better)", fontsize=10)
         ax.tick_params(axis="x", rotation=35, labelsize=8)
     _save(fig, path)
 
 
-def write_compare_report(runs: "pd.DataFrame", baseline: str, references: dict[str, Any],
-                         samples: dict[tuple[str, str], Any], out_dir: str | os.PathLike,
-                         title: str) -> list[Path]:
-    """compare.csv / compare.md / runs.csv, box plots, a sample grid and index.html."""
+def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", baseline: str,
+                         references: dict[str, Any], samples: dict[tuple[str, str], Any],
+                         out_dir: str | os.PathLike, title: str) -> list[Path]:
+    """compare.csv / compare.md / runs.csv, box plots, a sample grid and index.html, from
+    the per-seed ``runs`` and their statistics ``table`` (ganbench.compare computes both)."""
     out = Path(out_dir)
-    table = compare_stats(runs, baseline)
     atomic_write_text(out / "compare.csv", table.to_csv(index=False))
     atomic_write_text(out / "compare.md", compare_markdown(table, baseline))
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))

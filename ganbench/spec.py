@@ -13,25 +13,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from ganbench.config import MODEL_FIELDS, TRAIN_FIELDS, TrainConfig
 from ganbench.errors import GanbenchError, SpecError
-from ganbench.targets import get_target
-from ganbench.train import TrainConfig
+from ganbench.metrics import METRICS
 
-# Which TrainConfig fields live in which YAML section (one name per knob everywhere).
-TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "eval_samples", "eval_seed", "optimizer",
-                "lr_g", "lr_d", "beta1", "beta2", "momentum", "d_steps", "device", "dtype")
-MODEL_FIELDS = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
-                "spectral_norm", "g_spectral_norm", "pack", "tricks")
 SEARCHABLE = tuple(f for f in TRAIN_FIELDS + MODEL_FIELDS
                    if f not in ("eval_every", "eval_samples", "eval_seed", "device", "dtype"))
-# Objective metrics and their natural direction.
-METRICS = {"w1": "minimize", "sliced_w1": "minimize", "modes": "maximize", "hq": "maximize",
-           "kl": "minimize"}
-MODE_METRICS = ("modes", "hq", "kl")
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2", "qmc")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "patient")
+# Sampler and pruner names → their optuna.samplers / optuna.pruners classes (built in
+# ganbench.study; named here so that a spec is checked without importing Optuna).
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
+            "cmaes": "CmaEsSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler",
+            "qmc": "QMCSampler"}
+PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "percentile": "PercentilePruner",
+           "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
+           "patient": "PatientPruner"}
 
 STORAGE_URL = re.compile(r"^(sqlite:///\S+|postgresql(\+psycopg)?://\S*@?[\w.\-\[\]:]+(:\d+)?/\w\S*)$")
 
@@ -106,14 +111,29 @@ class Distribution(BaseModel):
         return [cast(self.low), cast(self.high)]
 
 
+def _registered(registry: dict, kind: str):
+    """A validator: the value must be a key of ``registry`` (read when validating, so a
+    name registered at run time is accepted)."""
+    def check(value: str) -> str:
+        if value not in registry:
+            raise ValueError(f"unknown {kind} {value!r}; choose one of: "
+                             f"{', '.join(registry)}")
+        return value
+
+    return field_validator("name" if kind != "metric" else "metric")(check)
+
+
 class Objective(BaseModel):
+    """A metric of ganbench.metrics.METRICS to optimise; its direction by default."""
+
     model_config = _STRICT
-    metric: Literal["w1", "sliced_w1", "modes", "hq", "kl"]
+    metric: str
     direction: Literal["minimize", "maximize"] | None = None
+    _metric = _registered(METRICS, "metric")
 
     @model_validator(mode="after")
     def _default_direction(self) -> "Objective":
-        self.direction = self.direction or METRICS[self.metric]
+        self.direction = self.direction or METRICS[self.metric].direction
         return self
 
 
@@ -131,17 +151,18 @@ class SamplerSpec(BaseModel):
     """``name``, ``seed`` and any keyword options of the Optuna sampler."""
 
     model_config = _OPEN
-    name: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2", "qmc"] = "tpe"
+    name: str = "tpe"
     seed: int | None = 0
+    _name = _registered(SAMPLERS, "sampler")
 
 
 class PrunerSpec(BaseModel):
     """``name`` and keyword options of the Optuna pruner; ``patient`` wraps ``wrapped``."""
 
     model_config = _OPEN
-    name: Literal["none", "median", "percentile", "successive_halving", "hyperband",
-                  "patient"] = "median"
+    name: str = "median"
     wrapped: "PrunerSpec | None" = None
+    _name = _registered(PRUNERS, "pruner")
 
 
 class TrackingSpec(BaseModel):
@@ -286,14 +307,32 @@ def validate_spec(raw: dict, path: str = "<spec>") -> StudySpec:
     return spec
 
 
+def is_compare(raw: dict) -> bool:
+    """Is this YAML mapping a comparison (arms over targets) rather than a study?"""
+    return "arms" in raw or "targets" in raw
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
     """Read, override and validate a study file."""
-    raw = apply_overrides(read_yaml(path), overrides or [], str(path))
-    return validate_spec(raw, str(path))
+    raw = read_yaml(path)
+    if is_compare(raw):
+        raise SpecError(str(path), "", "this is a comparison (it has arms and targets); "
+                        f"run it with `ganbench compare {path}`")
+    return validate_spec(apply_overrides(raw, overrides or [], str(path)), str(path))
+
+
+def load_any(path: str | Path, overrides: list[str] | None = None
+             ) -> "StudySpec | CompareSpec":
+    """A study or a comparison file, whichever ``path`` holds."""
+    if is_compare(read_yaml(path)):
+        return load_compare(path, overrides)
+    return load_spec(path, overrides)
 
 
 def _check_semantics(spec: StudySpec, path: str) -> None:
     """Checks that need the registries: names, ranges against the trainer, the sampler."""
+    from ganbench.targets import get_target  # loads torch: after the cheap checks
+
     try:
         target = get_target(spec.target.name, **spec.target.params())
     except GanbenchError as exc:
@@ -324,7 +363,7 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
             except (GanbenchError, TypeError) as exc:
                 raise SpecError(path, f"search.{key}", f"value {value!r}: {exc}") from None
     for i, objective in enumerate(spec.objectives):
-        if objective.metric in MODE_METRICS and target.centers is None:
+        if METRICS[objective.metric].needs_centers and target.centers is None:
             raise SpecError(path, f"objectives.{i}.metric", f"{objective.metric!r} needs a "
                             f"target with modes; {spec.target.name!r} has none (use w1)")
     if spec.sampler.name == "grid":
@@ -347,6 +386,9 @@ def _check_trick_key(key: str, path: str) -> None:
 
 
 # ---------------------------------------------------------------- comparisons
+# `ganbench compare --quick`: the same pipeline at smoke size.
+QUICK = ["budget=2", "eval_seeds=2", "train.steps=200", "train.eval_every=100",
+         "train.eval_samples=500"]
 ArmSection = _section("ArmSection", MODEL_FIELDS + TRAIN_FIELDS)
 
 
@@ -393,8 +435,12 @@ class CompareSpec(BaseModel):
 
 def load_compare(path: str | Path, overrides: list[str] | None = None) -> CompareSpec:
     """Read, override and validate a comparison file; every arm × target study is checked."""
-    raw = apply_overrides(read_yaml(path), overrides or [], str(path))
+    raw = read_yaml(path)
     p = str(path)
+    if not is_compare(raw):
+        raise SpecError(p, "", "this is a study (it has no arms); run it with "
+                        f"`ganbench sweep {path}`")
+    raw = apply_overrides(raw, overrides or [], p)
     try:
         spec = CompareSpec.model_validate(raw)
     except ValidationError as exc:

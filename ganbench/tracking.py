@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ganbench.config import MODEL_FIELDS, TRAIN_FIELDS
 from ganbench.errors import GanbenchError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -31,7 +32,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-
 def _client(uri: str):
     """An MlflowClient; MLflow's INFO logs (database migrations) are kept out of our output.
     The levels are set after the import because importing mlflow configures its loggers."""
@@ -40,6 +40,8 @@ def _client(uri: str):
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
+
+
 STUDY_TAG = "ganbench.study"
 ROLE_TAG = "ganbench.role"
 
@@ -179,6 +181,13 @@ class Tracker:
             print(f"warning: tracking: could not finish the study run: {_one_line(exc)}",
                   file=sys.stderr)
 
+    def end(self, status: str = "FINISHED") -> None:
+        """End this tracker's own run (a comparison's parent run)."""
+        try:
+            self.client.set_terminated(self.handle.parent_run_id, status)
+        except Exception as exc:
+            print(f"warning: tracking: could not end run: {_one_line(exc)}", file=sys.stderr)
+
     def end_lost(self, trial, reason: str) -> None:
         """Close the MLflow run of a trial whose worker died (it was left RUNNING)."""
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -312,12 +321,6 @@ class TrialRun:
                       f"({_one_line(exc)}); training goes on", file=sys.stderr)
 
 
-_TRAIN = ("steps", "batch_size", "eval_every", "eval_samples", "optimizer", "lr_g", "lr_d",
-          "beta1", "beta2", "momentum", "d_steps")
-_MODEL = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
-          "spectral_norm", "g_spectral_norm", "pack", "tricks")
-
-
 def _find_or_create(client, exp_id: str, name: str, tags: dict[str, str],
                     params: dict) -> str:
     """The run with these role/study/parent tags, or a new one holding ``params``."""
@@ -337,8 +340,8 @@ def _find_or_create(client, exp_id: str, name: str, tags: dict[str, str],
 
 def _config_params(config) -> dict[str, Any]:
     """A trainer config as MLflow params under their YAML names (train.lr_g, model.hidden)."""
-    return flatten({"train": {k: getattr(config, k) for k in _TRAIN},
-                    "model": {k: getattr(config, k) for k in _MODEL}})
+    return flatten({"train": {k: getattr(config, k) for k in TRAIN_FIELDS},
+                    "model": {k: getattr(config, k) for k in MODEL_FIELDS}})
 
 
 def _finite(v: Any) -> bool:

@@ -5,9 +5,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from ganbench.compare import eval_seeds, search_seeds
+from ganbench.compare import bootstrap_ci, heldout_seeds, holm, search_seeds
 from ganbench.errors import SpecError
-from ganbench.report import bootstrap_ci, holm
 from ganbench.spec import load_compare
 from tests.conftest import ganbench
 
@@ -50,8 +49,8 @@ def test_eval_seeds_are_disjoint_from_search_seeds(tmp_path):
     spec = load_compare(write(tmp_path, eval_seeds=7))
     for arm in spec.arms:
         study = spec.arm_study(spec.targets[0], arm)
-        assert not set(eval_seeds(spec)) & set(search_seeds(study))
-    assert len(set(eval_seeds(spec))) == 7
+        assert not set(heldout_seeds(spec)) & set(search_seeds(study))
+    assert len(set(heldout_seeds(spec))) == 7
 
 
 def test_arm_values_win_over_the_search_space(tmp_path):
@@ -124,6 +123,15 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     assert again.returncode == 0
     assert "tuning (2/2 trials done)" in again.stdout and "(3/3 done)" in again.stdout
     pd.testing.assert_frame_equal(pd.read_csv(out / "compare.csv"), table)
+    # `report` rebuilds the same tables from the storage alone; `status` reads, writes nothing.
+    rebuilt = ganbench("report", str(write(tmp_path)), "--out", "rebuilt", cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "rebuilt" / "compare.csv"), table)
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    status = ganbench("status", str(write(tmp_path)), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("2/2") == 3 and status.stdout.count("3/3") == 3
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from ganbench import sweep
+from ganbench.recovery import count_trials
+from ganbench.spec import StudySpec
+from ganbench.study import get_storage
 from tests.conftest import cli_env, write_spec
 from tests.services import MlflowServer
 
@@ -51,7 +53,7 @@ def assert_complete_study(study, total):
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))  # unique, no gaps
     assert not by_state(study, TrialState.RUNNING)
-    assert sweep.count_trials(trials) == (total, 0)
+    assert count_trials(trials) == (total, 0)
 
 
 def mlflow_runs(folder, name):
@@ -145,7 +147,7 @@ def test_four_workers_finish_exactly_n_each_logged_once(tmp_path, backend, reque
     if backend == "journal":
         study = journal_study(tmp_path, name)
     else:
-        storage = sweep.get_storage(sweep.StudySpec.model_validate(
+        storage = get_storage(StudySpec.model_validate(
             {"name": name, "target": {"name": "ring"},
              "storage": request.getfixturevalue("postgres").url}))
         study = optuna.load_study(study_name=name, storage=storage)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from ganbench.errors import SpecError
 from ganbench.spec import load_compare, load_spec, validate_spec
-from ganbench.sweep import check_spec
+from ganbench.study import check_spec
 
 STUDIES = sorted(Path(__file__).parent.parent.joinpath("studies").glob("*.yaml"))
 
@@ -67,8 +67,8 @@ def test_valid_spec_and_overrides(tmp_path):
     (with_("trials", "many"), None, "trials", "valid integer"),
     (with_("target.name", "moon"), None, "target", "choose one of: grid, mog, ring"),
     (with_("model.loss", "bce"), None, "model.loss", "choose one of: hinge, lsgan, minimax"),
-    (with_("sampler.name", "bayes"), None, "sampler.name", "'tpe', 'random', 'grid'"),
-    (with_("pruner.name", "early"), None, "pruner.name", "'none', 'median'"),
+    (with_("sampler.name", "bayes"), None, "sampler.name", "unknown sampler 'bayes'; choose one of: tpe, random, grid"),
+    (with_("pruner.name", "early"), None, "pruner.name", "unknown pruner 'early'; choose one of: none, median"),
     (with_("search.lr_g.low", 1.0), None, "search.lr_g", "low (1) must be <= high (0.01)"),
     (with_("search.lr_g.low", 0.0), None, "search.lr_g", "log scale needs low > 0"),
     (with_("search.hidden", {"type": "categorical", "choices": []}), None, "search.hidden",
@@ -80,7 +80,7 @@ def test_valid_spec_and_overrides(tmp_path):
     (with_("train.lr_g", 0.1), None, "search.lr_g", "not both"),
     (with_("sampler.name", "grid"), None, "search.lr_g", "grid sampler needs categorical"),
     (with_("storage", "mysql://x"), None, "storage", "expected sqlite:///PATH or postgresql"),
-    (with_("objectives", [{"metric": "fid"}]), None, "objectives.0.metric", "'w1'"),
+    (with_("objectives", [{"metric": "fid"}]), None, "objectives.0.metric", "unknown metric 'fid'; choose one of: w1, sliced_w1"),
     (with_("search.d_steps", {"type": "int", "low": 0, "high": 3}), None, "search.d_steps",
      "d_steps must be a positive integer"),
     (with_("sampler.n_startup", 3), None, "sampler", "bad options for sampler 'tpe'"),

@@ -6,8 +6,10 @@ import pytest
 from optuna.trial import TrialState
 
 from ganbench import sweep
+from ganbench.recovery import TRIAL_FAULT, WORKER_DIED, count_trials, recover_dead_workers
 from ganbench.report import trials_frame
 from ganbench.spec import load_spec
+from ganbench.study import get_storage, open_study
 from tests.conftest import ganbench, write_spec
 
 
@@ -28,7 +30,7 @@ def test_sequential_sweep_completes_exactly_the_total_and_is_deterministic(in_tm
     def run(name):
         spec = load_spec(write_spec(in_tmp, name=name))
         ran = sweep.worker_loop(spec, "cpu", spec.trials)
-        study = sweep.open_study(spec)
+        study = open_study(spec)
         return ran, [(t.params, t.values) for t in study.get_trials()]
 
     ran, first = run("a")
@@ -44,7 +46,7 @@ def test_pruner_prunes_a_bad_region(in_tmp):
         train={"steps": 80, "eval_every": 10, "eval_samples": 256, "batch_size": 64},
         pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 10}))
     sweep.worker_loop(spec, "cpu", spec.trials)
-    study = sweep.open_study(spec)
+    study = open_study(spec)
     pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert pruned and len(study.get_trials()) == 10
     assert all(t.last_step is not None and t.last_step < 80 for t in pruned)
@@ -57,12 +59,12 @@ def test_diverging_trials_fail_with_reason_and_count(in_tmp):
         search={"lr_g": {"type": "float", "low": 1e5, "high": 1e6, "log": True},
                 "lr_d": {"type": "float", "low": 1e5, "high": 1e6, "log": True}}))
     sweep.worker_loop(spec, "cpu", spec.trials)
-    trials = sweep.open_study(spec).get_trials()
+    trials = open_study(spec).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     for t in trials:
-        assert t.user_attrs["fail_kind"] == sweep.TRIAL_FAULT
+        assert t.user_attrs["fail_kind"] == TRIAL_FAULT
         assert t.user_attrs["fail_reason"].startswith("seed 0 diverged at step ")
-    assert sweep.count_trials(trials) == (2, 0)
+    assert count_trials(trials) == (2, 0)
     frame = trials_frame(trials, [("w1", "minimize")])
     assert list(frame["state"]) == ["FAIL", "FAIL"] and frame["reason"].str.contains(
         "diverged").all()
@@ -74,7 +76,7 @@ def test_multi_objective_yields_a_pareto_table(in_tmp):
         sampler={"name": "nsga2", "seed": 0, "population_size": 4}))
     assert spec.directions == ["minimize", "maximize"]
     sweep.worker_loop(spec, "cpu", spec.trials)
-    study = sweep.open_study(spec)
+    study = open_study(spec)
     front = [t.number for t in study.best_trials]
     frame = trials_frame(study.get_trials(), [("w1", "minimize"), ("modes", "maximize")], front)
     assert {"objective_w1", "objective_modes", "pareto"} <= set(frame.columns)
@@ -95,7 +97,7 @@ def test_multi_objective_report_has_the_pareto_front(in_tmp):
         in_tmp, trials=4, objectives=[{"metric": "w1"}, {"metric": "modes"}],
         sampler={"name": "nsga2", "seed": 0, "population_size": 4}))
     sweep.worker_loop(spec, "cpu", spec.trials)
-    files = write_study_report(sweep.open_study(spec), [("w1", "minimize"),
+    files = write_study_report(open_study(spec), [("w1", "minimize"),
                                                         ("modes", "maximize")],
                                list(spec.search), in_tmp / "out")
     names = {f.name for f in files}
@@ -106,7 +108,7 @@ def test_multi_objective_report_has_the_pareto_front(in_tmp):
 def test_seed_repeats_are_averaged_and_kept(in_tmp):
     spec = load_spec(write_spec(in_tmp, trials=1, seeds=3))
     sweep.worker_loop(spec, "cpu", spec.trials)
-    (trial,) = sweep.open_study(spec).get_trials()
+    (trial,) = open_study(spec).get_trials()
     per_seed = trial.user_attrs["seed_metrics"]
     assert len(per_seed) == 3 and len({s["w1"] for s in per_seed}) == 3
     assert trial.values[0] == pytest.approx(sum(s["w1"] for s in per_seed) / 3)
@@ -114,20 +116,20 @@ def test_seed_repeats_are_averaged_and_kept(in_tmp):
 
 def test_a_dead_local_workers_trial_is_failed_and_retried(in_tmp):
     spec = load_spec(write_spec(in_tmp, trials=2))
-    study = sweep.open_study(spec)
+    study = open_study(spec)
     trial = study.ask()
     sweep.suggest(trial, spec)
     dead = subprocess.Popen(["true"])
     dead.wait()
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", dead.pid)
-    assert sweep.recover_dead_workers(study) == [trial.number]
+    assert recover_dead_workers(study) == [trial.number]
     lost = study.get_trials()[0]
-    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == sweep.WORKER_DIED
-    assert sweep.count_trials(study.get_trials()) == (0, 0)  # a lost trial does not count
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == WORKER_DIED
+    assert count_trials(study.get_trials()) == (0, 0)  # a lost trial does not count
     sweep.worker_loop(spec, "cpu", spec.trials)
     trials = study.get_trials()
-    assert sweep.count_trials(trials) == (2, 0) and len(trials) == 3
+    assert count_trials(trials) == (2, 0) and len(trials) == 3
     retry = trials[1]
     assert retry.params == lost.params and retry.user_attrs["retry_of"] == lost.number
 
@@ -138,7 +140,7 @@ def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
     first = ganbench("sweep", str(spec), "--workers", "2", cwd=in_tmp)
     assert first.returncode == 0, first.stderr
     assert "best trials" in first.stdout and (in_tmp / "reports/tiny/leaderboard.csv").exists()
-    study = optuna.load_study(study_name="tiny", storage=sweep.get_storage(load_spec(spec)))
+    study = optuna.load_study(study_name="tiny", storage=get_storage(load_spec(spec)))
     assert states(study) == [TrialState.COMPLETE] * 4
     assert {t.user_attrs["pid"] for t in study.get_trials()}.__len__() == 2  # both worked
     again = ganbench("sweep", str(spec), "--workers", "2", cwd=in_tmp)
@@ -156,7 +158,7 @@ def test_cli_sweep_on_postgres_with_two_workers(in_tmp, postgres):
     spec = write_spec(in_tmp, name="pg", trials=5)
     proc = ganbench("sweep", str(spec), "--workers", "2", "--storage", postgres.url, cwd=in_tmp)
     assert proc.returncode == 0, proc.stderr
-    study = optuna.load_study(study_name="pg", storage=sweep.get_storage(
+    study = optuna.load_study(study_name="pg", storage=get_storage(
         load_spec(spec, [f"storage={postgres.url}"])))
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(5))

@@ -1,0 +1,156 @@
+"""Counting and recovery of trials: which trials count, local locks, heartbeats, dead
+workers, re-queueing.
+
+Counting: a study is done when it holds ``spec.trials`` *counted* trials: COMPLETE, PRUNED,
+and FAIL through the trial's own doing (divergence, an error in training). A trial that failed
+because its worker died or was interrupted does not count; its parameters are re-queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+HEARTBEAT_INTERVAL = 30   # seconds between heartbeats of a running trial (RDB storages)
+GRACE_PERIOD = 120        # a trial silent this long is failed and retried by the next worker
+MAX_RETRY = 3             # retries of one trial's parameters after worker deaths
+
+# fail_kind user attribute: who is to blame for a FAIL.
+TRIAL_FAULT = "trial"             # diverged or raised in training: counts
+WORKER_DIED = "worker_died"       # killed, lost machine: does not count, retried
+INTERRUPTED = "interrupted"       # Ctrl-C: does not count, retried
+SURPLUS = "surplus"               # asked after the total was reached elsewhere: does not count
+
+
+def is_counted(trial: FrozenTrial) -> bool:
+    """Does this trial count towards the study's total?"""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_kind") == TRIAL_FAULT
+
+
+def count_trials(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
+    """(counted finished trials, running trials)."""
+    done = sum(1 for t in trials if is_counted(t))
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return done, running
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Re-queue a lost trial's parameters (at most MAX_RETRY times per original trial)."""
+    origin = trial.user_attrs.get("retry_of", trial.number)
+    retries = trial.user_attrs.get("retry", 0) + 1
+    if retries > MAX_RETRY:
+        return
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": origin, "retry": retries},
+                        skip_if_exists=False)
+
+
+def retry_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat-failed trial (worker on another machine died): tag it, re-queue its params.
+    Passed to Optuna's RDBStorage as ``failed_trial_callback``."""
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_kind", WORKER_DIED)
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                       "worker died (no heartbeat)")
+    requeue(study, trial)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, kind: str, reason: str) -> None:
+    """Mark a RUNNING trial FAIL with a reason (and re-queue it unless it was its own fault)."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, "fail_kind", kind)
+    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+    try:
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except RuntimeError:  # finished meanwhile by someone else
+        return
+    if kind != TRIAL_FAULT:
+        requeue(study, trial)
+
+
+def recover_dead_workers(study: optuna.Study,
+                         on_lost: Callable[[FrozenTrial, str], None] | None = None,
+                         kind: str = WORKER_DIED) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker was a process of this host that is gone;
+    ``on_lost(trial, reason)`` lets the caller close what else the trial had open (its
+    MLflow run).
+
+    Local workers are detected directly by pid (no heartbeat grace period to wait out);
+    workers on other machines are left to the storage's heartbeats.
+    """
+    host = socket.gethostname()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w_host, w_pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
+        if w_host == host and isinstance(w_pid, int) and not _pid_alive(w_pid):
+            reason = (f"worker died (pid {w_pid} on {host})" if kind == WORKER_DIED
+                      else "interrupted (Ctrl-C)")
+            fail_trial(study, trial, kind, reason)
+            if on_lost is not None:
+                on_lost(trial, reason)
+            recovered.append(trial.number)
+    if isinstance(study._storage, optuna.storages.RDBStorage):
+        optuna.storages.fail_stale_trials(study)
+    return recovered
+
+
+@contextlib.contextmanager
+def local_lock(folder: Path) -> Iterator[None]:
+    """Serialize 'check the total, ask a trial' between the workers of this machine
+    (a file lock in the study's run folder)."""
+    path = Path(folder) / ".ask.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Heartbeat:
+    """Records heartbeats of the running trials on RDB storages (ask/tell does not)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = study._storage
+        self.storage = storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+    @contextlib.contextmanager
+    def beating(self, *trials: optuna.Trial) -> Iterator[None]:
+        if self.storage is None:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.is_set():
+                for trial in trials:
+                    with contextlib.suppress(Exception):
+                        self.storage.record_heartbeat(trial._trial_id)
+                stop.wait(HEARTBEAT_INTERVAL)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)

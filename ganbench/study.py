@@ -1,0 +1,169 @@
+"""The Optuna study of a spec: sampler, pruner, storage, and opening (create or resume).
+
+``get_storage(spec)`` is the one place a storage URL becomes an Optuna storage;
+``open_study(spec)`` the one place a study is created or loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+
+from ganbench.errors import GanbenchError, SpecError
+from ganbench.recovery import GRACE_PERIOD, HEARTBEAT_INTERVAL, retry_callback
+from ganbench.spec import PRUNERS, SAMPLERS, StudySpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---------------------------------------------------------------- samplers and pruners
+def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named in the spec, with its options and seed; worker i > 0 gets
+    seed + i so parallel workers do not draw the same parameters."""
+    opts = dict(spec.sampler.model_extra or {})
+    seed, name = spec.sampler.seed, spec.sampler.name
+    if seed is not None:
+        seed += worker
+    cls = getattr(optuna.samplers, SAMPLERS[name])
+    if name == "grid":
+        space = {k: d.values() for k, d in spec.search.items()}
+        return cls(space, seed=seed, **opts)
+    return cls(seed=seed, **opts)
+
+
+def _pruner(p) -> optuna.pruners.BasePruner:
+    opts = dict(p.model_extra or {})
+    cls = getattr(optuna.pruners, PRUNERS[p.name])
+    if p.name == "patient":
+        if p.wrapped is None:
+            raise ValueError("patient needs 'wrapped: {name: ...}' and 'patience'")
+        return cls(_pruner(p.wrapped), **opts)
+    return cls(**opts)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The Optuna pruner named in the spec (NopPruner for multi-objective studies,
+    which Optuna cannot prune)."""
+    pruner = _pruner(spec.pruner)
+    return optuna.pruners.NopPruner() if spec.multi_objective else pruner
+
+
+def check_spec(spec: StudySpec, path: str) -> None:
+    """Checks of a spec that need Optuna: sampler and pruner options build."""
+    for field, build in (("sampler", make_sampler), ("pruner", make_pruner)):
+        try:
+            with quiet_warnings():
+                build(spec)
+        except (TypeError, ValueError, ImportError) as exc:
+            name = getattr(spec, field).name
+            raise SpecError(path, field, f"bad options for {field} {name!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """Silence Optuna's experimental-feature warnings (the user cannot act on them)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---------------------------------------------------------------- storage
+def run_dir(spec: StudySpec) -> Path:
+    """runs/<name>/ in the working directory: the default journal and local lock files."""
+    return Path("runs") / spec.name
+
+
+def _sqlalchemy_url(url: str) -> str:
+    # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    head, sep, tail = url.partition("@")
+    if sep and ":" in head.split("//", 1)[-1]:
+        scheme, _, cred = head.partition("//")
+        return f"{scheme}//{cred.split(':')[0]}:***@{tail}"
+    return url
+
+
+def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseStorage:
+    """None → journal file runs/<name>/optuna.log; sqlite:/// or postgresql:// → RDB storage
+    with heartbeats and retries of trials whose worker died. Unreachable → GanbenchError."""
+    if spec.storage is None:
+        from optuna.storages.journal import JournalFileBackend
+
+        path = run_dir(spec) / "optuna.log"
+        if not create and not path.exists():
+            raise GanbenchError(f"no study found: {path} does not exist (run `ganbench sweep` "
+                                "first)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    url = spec.storage
+    if url.startswith("sqlite:///") and not create and not Path(url[10:]).exists():
+        raise GanbenchError(f"no study found: {url[10:]} does not exist")
+    try:
+        with quiet_warnings():
+            return optuna.storages.RDBStorage(
+                _sqlalchemy_url(url), heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                failed_trial_callback=retry_callback,
+                engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
+            )
+    except Exception as exc:  # sqlalchemy raises many types; all mean "cannot use it"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GanbenchError(f"storage {redact(url)}: cannot connect: {first}") from None
+
+
+def storage_label(spec: StudySpec) -> str:
+    """Where the study is stored, for display and tags."""
+    return spec.storage or str(run_dir(spec) / "optuna.log")
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None,
+               create: bool = True, worker: int = 0) -> optuna.Study:
+    """Create or load the spec's Optuna study (name = spec.name)."""
+    storage = storage or get_storage(spec, create=create)
+    if not create:
+        try:
+            return optuna.load_study(study_name=spec.name, storage=storage,
+                                     sampler=make_sampler(spec, worker), pruner=make_pruner(spec))
+        except KeyError:
+            raise GanbenchError(f"no study named {spec.name!r} in the storage") from None
+    with quiet_warnings():
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
+            pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != spec.directions:
+        raise GanbenchError(f"study {spec.name!r} exists with other objectives; rename the study")
+    if "reference" not in study.user_attrs:
+        study.set_user_attr("reference", reference_points(spec))
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        # A resumed seeded sampler would replay the draws of the first run: shift its seed
+        # by the trials already there (still deterministic for a given history).
+        study.sampler = make_sampler(spec, worker + 7919 * existing)
+    return study
+
+
+def reference_points(spec: StudySpec) -> dict[str, Any]:
+    """The target's evaluation points and mode centres (first two coordinates), stored in the
+    study so reports can draw scatters from the storage alone."""
+    import torch
+
+    from ganbench.report import PLOT_POINTS, points
+    from ganbench.targets import get_target
+
+    target = get_target(spec.target.name, **spec.target.params())
+    config = spec.trial_config({})
+    sample = target.sample(PLOT_POINTS, torch.Generator().manual_seed(config.eval_seed))
+    centers = None if target.centers is None else points(target.centers)
+    return {"points": points(sample), "centers": centers, "dim": target.dim}
+
