@@ -37,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ganbench.devices import resolve_device  # noqa: E402
 from ganbench.population import bucket_key, train_population, tune_allocator  # noqa: E402
-from ganbench.train import TrainConfig, resolve_device, train  # noqa: E402
+from ganbench.train import TrainConfig, train  # noqa: E402
 
 TRIAL_STEPS = 2000  # the trial length "trials per hour" refers to
 

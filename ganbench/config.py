@@ -67,9 +67,9 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise GanbenchError naming the first invalid field; return self."""
         # The registries live in torch modules: imported here, not when the spec is read.
+        from ganbench.devices import resolve_device
         from ganbench.losses import LOSSES
         from ganbench.models import ACTIVATIONS
-        from ganbench.train import resolve_device
         from ganbench.tricks import validate_tricks
 
         lookup(LOSSES, self.loss, "loss")

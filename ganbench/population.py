@@ -38,6 +38,7 @@ from torch.func import vmap
 
 from ganbench import metrics as M
 from ganbench.config import TrainConfig
+from ganbench.devices import resolve_device
 from ganbench.errors import GanbenchError
 from ganbench.losses import get_loss
 from ganbench.models import ACTIVATIONS
@@ -50,7 +51,6 @@ from ganbench.train import (
     built_config,
     diverged_metrics,
     eval_sample,
-    resolve_device,
     train,
 )
 from ganbench.tricks import build_tricks

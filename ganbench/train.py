@@ -17,7 +17,7 @@ import torch
 from ganbench import metrics as M
 from ganbench.config import DTYPES as CONFIG_DTYPES
 from ganbench.config import TrainConfig
-from ganbench.errors import GanbenchError
+from ganbench.devices import resolve_device
 from ganbench.losses import get_loss
 from ganbench.models import Discriminator, Generator
 from ganbench.targets import Target, get_target
@@ -47,21 +47,6 @@ class TrainResult:
         if "modes" in out:
             out["modes"] = int(out["modes"])
         return out | {"status": self.status, "steps": self.steps, "reason": self.reason}
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when present, else CPU; a named device must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise GanbenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N",
-                            "device") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        raise GanbenchError(f"device {device!r} is not available on this machine", "device")
-    return dev
 
 
 def build_models(config: TrainConfig, target: Target) -> tuple[Generator, Discriminator]:

@@ -25,7 +25,7 @@ from torch import nn
 from ganbench.errors import GanbenchError, lookup
 
 if TYPE_CHECKING:
-    from ganbench.train import TrainConfig
+    from ganbench.config import TrainConfig
 
 BCE_LOSSES = ("minimax", "nonsaturating")
 

@@ -234,7 +234,7 @@ class SweepPlan:
 def plan_sweep(spec: StudySpec, devices: Sequence[str] | None = None) -> SweepPlan:
     """Check the devices, open tracking and the study, and size the workers to the trials
     left (``devices`` by default: one per GPU, or per CPU core)."""
-    from ganbench.train import resolve_device
+    from ganbench.devices import resolve_device
 
     pop = spec.execution.mode == "population"
     device_list = default_devices(spec.workers, devices, population=pop)
@@ -268,7 +268,7 @@ def join_study(spec: StudySpec, device: str = "auto",
                on_trial: Callable[[TrialOutcome], None] | None = None) -> int:
     """Run one worker in this process (``ganbench worker``, e.g. on another machine against
     a shared storage) until the study holds its total; returns the trials it ran."""
-    from ganbench.train import resolve_device
+    from ganbench.devices import resolve_device
 
     dev = str(resolve_device(device))
     set_threads(dev, cpu_threads(spec, 1))
