@@ -146,7 +146,11 @@ def stored_arms(spec: CompareSpec) -> list[ArmResult]:
     seeds = heldout_seeds(spec)
     for target in spec.targets:
         for arm in spec.arms:
-            study = open_study(spec.arm_study(target, arm), create=False)
+            try:
+                study = open_study(spec.arm_study(target, arm), create=False)
+            except GanbenchError:
+                raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
+                                    "has not run; run `ganbench compare` first") from None
             done = _stored_seeds(study)
             missing = [s for s in seeds if s not in done]
             if missing:

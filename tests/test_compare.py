@@ -86,6 +86,16 @@ def test_cli_bad_comparison_is_one_line_and_runs_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.yaml"]
 
 
+def test_report_and_status_of_a_comparison_that_never_ran(tmp_path):
+    path = write(tmp_path)
+    report = ganbench("report", str(path), cwd=tmp_path)
+    assert report.returncode == 2 and report.stderr.count("\n") == 1
+    assert "has not run; run `ganbench compare` first" in report.stderr
+    status = ganbench("status", str(path), cwd=tmp_path)
+    assert status.returncode == 0 and status.stdout.count("0/2") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.yaml"]
+
+
 @pytest.mark.slow
 def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     proc = ganbench("compare", str(write(tmp_path)), "--workers", "2", cwd=tmp_path)

@@ -149,8 +149,12 @@ def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
     assert more.returncode == 0, more.stderr
     numbers = [t.number for t in study.get_trials()]
     assert numbers == list(range(7)) and states(study) == [TrialState.COMPLETE] * 7
+    (in_tmp / "reports/tiny/leaderboard.csv").unlink()
+    files = sorted(p for p in in_tmp.rglob("*") if p.is_file())
     status = ganbench("status", str(spec), cwd=in_tmp)
     assert status.returncode == 0 and "COMPLETE" in status.stdout and "7/4" in status.stdout
+    assert "best trials" in status.stdout
+    assert sorted(p for p in in_tmp.rglob("*") if p.is_file()) == files  # status only reads
 
 
 @pytest.mark.slow
@@ -199,6 +203,31 @@ def test_every_study_command_reports_a_missing_spec(in_tmp, command):
     proc = ganbench(command, "nope.yaml", cwd=in_tmp)
     assert proc.returncode == 2 and proc.stderr == "error: nope.yaml: file not found\n"
     assert list(in_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("command,kind,serves", [
+    ("sweep", "compare", "ganbench compare"), ("worker", "compare", "ganbench compare"),
+    ("compare", "study", "ganbench sweep"),
+])
+def test_a_file_of_the_other_kind_names_the_command_that_serves_it(in_tmp, command, kind,
+                                                                     serves):
+    if kind == "compare":
+        path = in_tmp / "cmp.yaml"
+        path.write_text("name: cmp\ntargets: [{name: ring}]\narms: {plain: {}}\n"
+                        "baseline: plain\n")
+    else:
+        path = write_spec(in_tmp)
+    proc = ganbench(command, str(path), cwd=in_tmp)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"`{serves} {path}`" in proc.stderr
+    assert sorted(p.name for p in in_tmp.iterdir()) == [path.name]
+
+
+def test_version(in_tmp):
+    from ganbench import __version__
+
+    proc = ganbench("--version", cwd=in_tmp)
+    assert proc.returncode == 0 and proc.stdout == f"ganbench {__version__}\n"
 
 
 def test_status_of_a_study_that_never_ran(in_tmp):

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ganbench.config import MODEL_FIELDS, TRAIN_FIELDS
 from tests.conftest import cli_env, ganbench, write_spec
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,10 @@ def test_one_parent_and_one_child_per_trial(tracked_sweep):
         assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
         assert float(run.data.params["train.lr_g"]) == pytest.approx(trial.params["lr_g"])
         assert run.data.params["model.hidden"] == str(trial.params["hidden"])
+        # Every trainer field is a param under its YAML section (the list is config's own).
+        assert {f"train.{f}" for f in TRAIN_FIELDS} | {f"model.{f}" for f in MODEL_FIELDS} \
+            <= set(run.data.params)
+        assert run.data.params["train.eval_seed"] == "1234"
         curve = client.get_metric_history(run.info.run_id, "sliced_w1")
         assert sorted(m.step for m in curve) == [20, 40]
         assert run.data.metrics["w1"] == pytest.approx(trial.values[0])
