@@ -314,11 +314,12 @@ def status_cmd(
 def _compare_status(spec) -> None:
     from ganbench.compare import progress
 
-    table = Table(title=f"comparison {spec.name}: {spec.mode}, budget {spec.budget} per arm")
-    for col in ("target", "arm", "tuning trials", "held-out seeds"):
+    table = Table(title=f"comparison {spec.name}: {spec.mode}, budget "
+                        f"{spec.tuning_budget.label()} per arm")
+    for col in ("target", "arm", "tuning", "held-out seeds"):
         table.add_column(col, justify="left" if col in ("target", "arm") else "right")
     for p in progress(spec):
-        table.add_row(p.target, p.arm, f"{p.tuned}/{p.budget}", f"{p.heldout}/{p.seeds}")
+        table.add_row(p.target, p.arm, p.tuning, f"{p.heldout}/{p.seeds}")
     console.print(table)
 
 
@@ -375,14 +376,14 @@ def compare_cmd(
     device_list = default_devices(spec.workers, _devices(devices))
     n = len(spec.targets) * len(spec.arms)
     console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
-                  f"{len(spec.targets)} target(s) · {spec.mode}: budget {spec.budget} trials "
+                  f"{len(spec.targets)} target(s) · {spec.mode}: budget {spec.budget.label()} "
                   f"per arm · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
     step = iter(range(1, 2 * n + 1))
     result = compare.run(spec, device_list,
                          lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
     for target, sub in result.table.groupby("target", sort=False):
-        t = Table(title=f"{target}: mean ± std over {spec.eval_seeds} held-out seeds "
-                        f"(p: Mann-Whitney U vs {spec.baseline}, Holm)")
+        t = Table(title=f"{target}: mean ± s.e. over {spec.eval_seeds} held-out seeds "
+                        f"(p: exact rank-sum test vs {spec.baseline}, Holm)")
         metrics = list(dict.fromkeys(sub["metric"]))
         t.add_column("arm")
         for m in metrics:
@@ -392,9 +393,15 @@ def compare_cmd(
             for m in metrics:
                 r = g[g["metric"] == m].iloc[0]
                 p = "" if arm == spec.baseline else f" p={r['p_holm']:.2g}"
-                cells.append(f"{r['mean']:.3g} ± {r['std']:.2g}{p}")
+                cells.append(f"{r['mean']:.3g} ± {r['se']:.2g}{p}")
             t.add_row(arm, *cells)
+        arms = result.arms[result.arms["target"] == target]
+        for row in arms[arms["status"].str.startswith("untuned")].itertuples(index=False):
+            t.add_row(row.arm, f"{row.status}: left out of the tests",
+                      *[""] * (len(metrics) - 1))
         console.print(t)
+    power = result.power()
+    console.print(f"[yellow]{power}[/]" if power.startswith("warning") else power)
     files = result.files
     console.print(f"wrote {files[0]}, {files[1]} and {files[-1]}")
 

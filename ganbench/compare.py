@@ -10,6 +10,9 @@ without training.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import multiprocessing as mp
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ganbench import workers
+from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError
 from ganbench.metrics import METRICS
-from ganbench.recovery import count_trials, recover_dead_workers
+from ganbench.recovery import compute_spent, count_trials, is_counted, recover_dead_workers
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec
 from ganbench.study import get_storage, open_study
+from ganbench.sweep import budget_spent
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,43 +53,98 @@ class ArmResult:
     arm: str
     params: dict[str, Any]
     seeds: dict[int, dict[str, Any]]   # held-out seed → metrics (+ status, "samples")
+    status: str = "tuned"              # tuned | fixed | untuned (N failed/pruned)
+    compute: dict[str, float] = field(default_factory=dict)  # what the arm used
 
 
 # ---------------------------------------------------------------- running the arms
-def _train_heldout(args: tuple[str, dict[str, Any], list[int], str, int]
-                   ) -> list[tuple[int, dict[str, Any]]]:
-    """Worker: train one configuration on held-out seeds, all of them as one population
-    (seed repeats have one shape: the ideal batch)."""
-    from ganbench.population import train_population
-    from ganbench.report import points
+def heldout_configs(spec: CompareSpec, study: StudySpec, params: dict[str, Any],
+                    device: str, seeds: Sequence[int]) -> list[TrainConfig]:
+    """The held-out runs of a configuration: its trainer configs on ``seeds``, scored on
+    the held-out evaluation sample (``heldout_eval_seed``), not the one tuning chose on."""
     from ganbench.sweep import seed_configs
 
-    study_json, params, seeds, device, threads = args
+    configs = seed_configs(study, params, device, seeds)
+    for config in configs:
+        config.eval_seed = spec.heldout_eval_seed
+    return configs
+
+
+def config_key(config: TrainConfig) -> str:
+    """What trained a held-out run, as a short hash of its config (seed and device left
+    out): results are reused only for the configuration that produced them."""
+    data = config.to_dict()
+    for key in ("seed", "device"):
+        data.pop(key)
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_heldout(args: tuple[str, str, dict[str, Any], list[int], str, int]
+                   ) -> list[tuple[int, dict[str, Any]]]:
+    """Worker: train one configuration on held-out seeds, all of them as one population
+    (seed repeats have one shape: the ideal batch). Every member draws from its own
+    seed's streams on every device, so a seed's result depends neither on the seeds
+    trained beside it nor on resumes."""
+    from ganbench.population import train_population
+    from ganbench.report import points
+
+    compare_json, study_json, params, seeds, device, threads = args
     workers.set_threads(device, threads)
+    spec = CompareSpec.model_validate_json(compare_json)
     study = StudySpec.model_validate_json(study_json)
+    configs = heldout_configs(spec, study, params, device, seeds)
     out = []
-    for seed, result in zip(seeds, train_population(seed_configs(study, params, device,
-                                                                 seeds))):
+    for seed, config, result in zip(seeds, configs, train_population(configs,
+                                                                     streams="member")):
         row: dict[str, Any] = {k: float(v) for k, v in result.metrics.items()}
-        row |= {"status": result.status, "reason": result.reason, "seconds": result.seconds}
+        row |= {"status": result.status, "reason": result.reason, "seconds": result.seconds,
+                "g_steps": result.steps, "d_steps": result.steps * config.d_steps,
+                "config": config_key(config)}
         if result.samples.numel():
             row["samples"] = points(result.samples)
         out.append((seed, row))
     return out
 
 
-def best_params(study, spec: CompareSpec) -> dict[str, Any]:
-    """The parameters of the arm's best COMPLETE tuning trial ({} if none)."""
+def best_params(study, spec: CompareSpec) -> dict[str, Any] | None:
+    """The parameters of the arm's best COMPLETE tuning trial (None if it has none)."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
-        return {}
+        return None
     pick = min if spec.objective.direction == "minimize" else max
     return pick(complete, key=lambda t: t.values[0]).params
 
 
-def _stored_seeds(study) -> dict[int, dict[str, Any]]:
+def _stored_seeds(study, key: str | None) -> dict[int, dict[str, Any]]:
+    """Held-out results stored in the arm's study, those of configuration ``key`` only."""
     return {int(k.split(".")[1]): v for k, v in study.user_attrs.items()
-            if k.startswith("eval.")}
+            if k.startswith("eval.") and (key is None or v.get("config") == key)}
+
+
+def _arm_state(spec: CompareSpec, study_spec: StudySpec, study
+               ) -> tuple[str, dict[str, Any] | None, str | None]:
+    """(status, best parameters or None if untuned, key of the held-out configuration)."""
+    if spec.mode == "fixed":
+        params: dict[str, Any] | None = {}
+        status = "fixed"
+    else:
+        params = best_params(study, spec)
+        trials = [t for t in study.get_trials(deepcopy=False) if is_counted(t)]
+        status = "tuned" if params is not None else f"untuned ({len(trials)} failed/pruned)"
+    if params is None:
+        return status, None, None
+    config = heldout_configs(spec, study_spec, params, "cpu", [0])[0]
+    return status, params, config_key(config)
+
+
+def _compute(study, seeds: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """The compute an arm used: its counted tuning trials and its held-out runs."""
+    trials = study.get_trials(deepcopy=False)
+    out = {f"tune_{u}": compute_spent(trials, u)
+           for u in ("trials", "g_steps", "d_steps", "seconds")}
+    for unit in ("g_steps", "d_steps", "seconds"):
+        out[f"heldout_{unit}"] = float(sum(r.get(unit, 0) for r in seeds.values()))
+    return out
 
 
 def run_arms(spec: CompareSpec, devices: Sequence[str],
@@ -104,23 +164,35 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
     return results
 
 
+def _tuning_progress(spec: CompareSpec, study) -> str:
+    budget = spec.tuning_budget
+    spent = compute_spent(study.get_trials(deepcopy=False), budget.unit)
+    return f"{spent:g}/{budget.amount:g} {budget.unit.replace('_', ' ')}"
+
+
 def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[str], pool,
              seeds: list[int], tracker, on_step) -> ArmResult:
     study_spec = spec.arm_study(target, arm)
     study = open_study(study_spec)
-    params: dict[str, Any] = {}
     if spec.mode == "tune":
         recover_dead_workers(study, tracker.end_lost if tracker else None)
-        done, _ = count_trials(study.get_trials(deepcopy=False))
         if on_step:
-            on_step(f"{target.name} · {arm}: tuning ({done}/{study_spec.trials} trials done)")
-        if done < study_spec.trials:
+            on_step(f"{target.name} · {arm}: tuning ({_tuning_progress(spec, study)} done)")
+        trials = study.get_trials(deepcopy=False)
+        done, _ = count_trials(trials)
+        if done < study_spec.trials and not budget_spent(study_spec, trials):
             jobs = workers.worker_jobs(study_spec, devices[:study_spec.trials - done],
                                        study_spec.trials, None,
                                        tracker.handle if tracker else None)
             pool.map(workers.run_worker, jobs)
-        params = best_params(study, spec)
-    done_seeds = _stored_seeds(study)
+    status, params, key = _arm_state(spec, study_spec, study)
+    if params is None:  # nothing to retrain: named as untuned, left out of the tests
+        if on_step:
+            on_step(f"{target.name} · {arm}: {status}: no held-out runs")
+        if tracker:
+            tracker.end("FAILED", tags={"status": status})
+        return ArmResult(target.name, arm, {}, {}, status, _compute(study, {}))
+    done_seeds = _stored_seeds(study, key)
     todo = [s for s in seeds if s not in done_seeds]
     if on_step:
         on_step(f"{target.name} · {arm}: held-out seeds ({len(seeds) - len(todo)}/"
@@ -128,15 +200,20 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
     # One population per device, the seeds dealt out among them.
     groups = [(devices[i], todo[i::len(devices)]) for i in range(min(len(devices), len(todo)))]
     threads = workers.population_threads(sum(1 for device, _ in groups if device == "cpu"))
-    jobs = [(study_spec.model_dump_json(), params, part, device, threads)
-            for device, part in groups]
+    jobs = [(spec.model_dump_json(), study_spec.model_dump_json(), params, part, device,
+             threads) for device, part in groups]
     for finished in pool.imap_unordered(_train_heldout, jobs):
         for seed, out in finished:
             study.set_user_attr(f"eval.{seed}", out)  # stored as each finishes: resumable
             done_seeds[seed] = out
             if tracker:
                 tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec)
-    return ArmResult(target.name, arm, params, {s: done_seeds[s] for s in seeds})
+    chosen = {s: done_seeds[s] for s in seeds}
+    if tracker:  # the arm's run ends with its held-out means
+        means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
+                 for m in METRICS if all(m in r for r in chosen.values())}
+        tracker.end("FINISHED", means, {"status": status})
+    return ArmResult(target.name, arm, params, chosen, status, _compute(study, chosen))
 
 
 def stored_arms(spec: CompareSpec) -> list[ArmResult]:
@@ -146,23 +223,37 @@ def stored_arms(spec: CompareSpec) -> list[ArmResult]:
     seeds = heldout_seeds(spec)
     for target in spec.targets:
         for arm in spec.arms:
+            study_spec = spec.arm_study(target, arm)
             try:
-                study = open_study(spec.arm_study(target, arm), create=False)
-            except GanbenchError:
+                study = open_study(study_spec, create=False)
+            except GanbenchError as exc:
+                if "another experiment" in str(exc):
+                    raise
                 raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
                                     "has not run; run `ganbench compare` first") from None
-            done = _stored_seeds(study)
+            status, params, key = _arm_state(spec, study_spec, study)
+            if params is None:
+                results.append(ArmResult(target.name, arm, {}, {}, status, _compute(study, {})))
+                continue
+            done = _stored_seeds(study, key)
             missing = [s for s in seeds if s not in done]
             if missing:
                 raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
                                     f"has {len(seeds) - len(missing)} of {len(seeds)} held-out "
-                                    "seeds; run `ganbench compare` to finish it")
-            params = best_params(study, spec) if spec.mode == "tune" else {}
-            results.append(ArmResult(target.name, arm, params, {s: done[s] for s in seeds}))
+                                    "seeds of its best configuration; run `ganbench compare` "
+                                    "to finish it")
+            chosen = {s: done[s] for s in seeds}
+            results.append(ArmResult(target.name, arm, params, chosen, status,
+                                     _compute(study, chosen)))
     return results
 
 
 # ---------------------------------------------------------------- statistics
+ALPHA = 0.05          # the level the design's power is stated for
+BOOTSTRAP = 2000      # resamples of every bootstrap interval
+EXACT_MAX_N = 56      # up to this many runs in two arms the rank-sum law is counted exactly
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
     p = np.asarray(pvalues, dtype=float)
@@ -176,16 +267,72 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
+def rank_sum_p(x: Sequence[float], y: Sequence[float], seed: int = 0) -> float:
+    """Two-sided p-value of the Mann-Whitney U (Wilcoxon rank-sum) test, exact under ties.
+
+    The statistic is the sum W of ``x``'s midranks in the pooled sample; its law under the
+    null (every split of the pooled values into groups of len(x) and len(y) equally likely)
+    is counted exactly, ties included, by a subset-sum recursion over the doubled midranks
+    (integers). Two-sided p = min(1, 2 min(P(W ≥ w), P(W ≤ w))), the convention of
+    ``scipy.stats.mannwhitneyu`` and ``permutation_test``. Above EXACT_MAX_N runs in all
+    (where the counts outgrow float64's exact integers) the tails are estimated from 100,000
+    seeded permutations, each as (k + 1) / (R + 1).
+    """
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n1, n = len(x), len(x) + len(y)
+    ranks2 = np.rint(2 * stats.rankdata(np.concatenate([x, y]))).astype(np.int64)
+    w = int(ranks2[:n1].sum())
+    if n <= EXACT_MAX_N:
+        total = int(ranks2.sum())
+        counts = np.zeros((n1 + 1, total + 1))  # counts[k, s]: k-subsets with sum s
+        counts[0, 0] = 1.0
+        for r in ranks2:
+            counts[1:, r:] += counts[:-1, :-r]  # numpy reads the operands before writing
+        law = counts[n1] / counts[n1].sum()
+        upper, lower = law[w:].sum(), law[:w + 1].sum()
+    else:
+        rng = np.random.default_rng(seed)
+        resamples = 100_000
+        draws = np.array([rng.permutation(ranks2)[:n1].sum() for _ in range(resamples)])
+        upper = (np.sum(draws >= w) + 1) / (resamples + 1)
+        lower = (np.sum(draws <= w) + 1) / (resamples + 1)
+    return float(min(1.0, 2 * min(upper, lower)))
+
+
+def min_p(n1: int, n2: int) -> float:
+    """The smallest two-sided p the exact rank-sum test can give with n1 and n2 runs
+    (no ties): the two most extreme splits out of C(n1 + n2, n1)."""
+    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+
+
+def min_p_holm(n1: int, n2: int, tests: int) -> float:
+    """The smallest Holm-adjusted p of ``tests`` such tests (the first step multiplies by
+    ``tests``): below ALPHA, a consistent difference can be shown; at or above, it cannot."""
+    return min(1.0, tests * min_p(n1, n2))
+
+
+def seeds_needed(tests: int, alpha: float = ALPHA) -> int:
+    """The fewest seeds per arm for which ``tests`` Holm-corrected exact tests can reach
+    ``alpha``."""
+    n = 2
+    while min_p_holm(n, n, tests) >= alpha:
+        n += 1
+    return n
+
+
 def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap confidence interval of the mean (``scipy.stats.bootstrap``, BCa,
     percentile when BCa is undefined); a constant sample gives (mean, mean)."""
     from scipy import stats
 
     values = np.asarray(values, dtype=float)
-    if len(values) < 2 or np.ptp(values) == 0:
-        return float(values.mean()), float(values.mean())
+    if len(values) < 2 or np.ptp(values) == 0 or not np.isfinite(values).all():
+        mean = float(values.mean())
+        return mean, mean
     for method in ("BCa", "percentile"):
-        res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=2000,
+        res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=BOOTSTRAP,
                               method=method, rng=np.random.default_rng(seed))
         low, high = res.confidence_interval
         if np.isfinite(low) and np.isfinite(high):
@@ -193,20 +340,43 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
-STATS_COLUMNS = ["arm", "target", "metric", "n", "mean", "std", "ci_low", "ci_high", "rank",
-                 "p_value", "p_holm"]
+def hodges_lehmann(x: Sequence[float], y: Sequence[float]) -> float:
+    """The Hodges–Lehmann shift of ``x`` from ``y``: the median of all differences x_i − y_j
+    (the effect size that goes with the rank-sum test)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return float(np.median(np.subtract.outer(x, y)))
+
+
+def shift_ci(x: Sequence[float], y: Sequence[float], seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the Hodges–Lehmann shift, each arm resampled
+    on its own (BOOTSTRAP resamples, seeded)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    xs = x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))]
+    ys = y[rng.integers(0, len(y), size=(BOOTSTRAP, len(y)))]
+    with np.errstate(invalid="ignore"):
+        shifts = np.median(xs[:, :, None] - ys[:, None, :], axis=(1, 2))
+    low, high = np.nanpercentile(shifts, [2.5, 97.5])
+    return float(low), float(high)
+
+
+STATS_COLUMNS = ["arm", "target", "metric", "n", "mean", "std", "se", "ci_low", "ci_high",
+                 "shift", "shift_low", "shift_high", "rank", "p_value", "p_holm",
+                 "min_p_holm"]
 
 
 def compare_stats(runs: "pd.DataFrame", baseline: str,
                   metrics: Sequence[str] | None = None) -> "pd.DataFrame":
-    """Per target, arm and metric: n, mean, std, 95% bootstrap CI, rank, two-sided
-    Mann-Whitney U p-value against the baseline arm and its Holm-adjusted value.
+    """Per target, arm and metric: n, mean, std, standard error, 95% bootstrap CI of the
+    mean, the Hodges–Lehmann shift from the baseline with its 95% bootstrap CI, rank, the
+    exact two-sided rank-sum p-value against the baseline (:func:`rank_sum_p`), its
+    Holm-adjusted value over the arms, and the smallest adjusted p the design can attain.
 
     ``runs`` has one row per (target, arm, seed) with a column per metric; ``metrics``
     defaults to every registered metric present in it.
     """
     import pandas as pd
-    from scipy import stats
 
     names = list(metrics) if metrics is not None else [m for m in METRICS if m in runs]
     rows = []
@@ -220,13 +390,17 @@ def compare_stats(runs: "pd.DataFrame", baseline: str,
             for arm, group in sub.groupby("arm", sort=False):
                 vals = group[metric].to_numpy(float)
                 low, high = bootstrap_ci(vals)
-                p = float("nan")
+                std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                row = {"arm": arm, "target": target, "metric": metric, "n": len(vals),
+                       "mean": float(vals.mean()), "std": std,
+                       "se": std / math.sqrt(len(vals)), "ci_low": low, "ci_high": high,
+                       "shift": math.nan, "shift_low": math.nan, "shift_high": math.nan,
+                       "p_value": math.nan}
                 if arm != baseline and len(vals) and len(base):
-                    p = float(stats.mannwhitneyu(vals, base, alternative="two-sided").pvalue)
-                block.append({"arm": arm, "target": target, "metric": metric, "n": len(vals),
-                              "mean": float(vals.mean()), "std": float(vals.std(ddof=1))
-                              if len(vals) > 1 else 0.0, "ci_low": low, "ci_high": high,
-                              "p_value": p})
+                    row["shift"] = hodges_lehmann(vals, base)
+                    row["shift_low"], row["shift_high"] = shift_ci(vals, base)
+                    row["p_value"] = rank_sum_p(vals, base)
+                block.append(row)
             means = pd.Series([b["mean"] for b in block])
             ranks = means.rank(ascending=METRICS[metric].direction == "minimize",
                                method="min")
@@ -234,7 +408,9 @@ def compare_stats(runs: "pd.DataFrame", baseline: str,
             adjusted = holm([block[i]["p_value"] for i in tested]) if tested else []
             for i, b in enumerate(block):
                 b["rank"] = int(ranks[i])
-                b["p_holm"] = adjusted[tested.index(i)] if i in tested else float("nan")
+                b["p_holm"] = adjusted[tested.index(i)] if i in tested else math.nan
+                b["min_p_holm"] = (min_p_holm(b["n"], len(base), len(tested))
+                                   if i in tested else math.nan)
             rows += block
     return pd.DataFrame(rows, columns=STATS_COLUMNS)
 
@@ -246,27 +422,57 @@ class Comparison:
 
     spec: CompareSpec
     runs: "pd.DataFrame"                     # one row per (target, arm, held-out seed)
-    table: "pd.DataFrame"                    # compare_stats(runs)
+    table: "pd.DataFrame"                    # compare_stats(runs) + each arm's compute
+    arms: "pd.DataFrame"                     # one row per (target, arm): status, compute
     references: dict[str, Any]               # target → stored evaluation points and centres
     samples: dict[tuple[str, str], Any]      # (target, arm) → first held-out seed's samples
     files: list[Path] = field(default_factory=list)  # the report files written
 
+    @property
+    def tests(self) -> int:
+        """Arms tested against the baseline on each target and metric (Holm's m)."""
+        tuned = self.arms[~self.arms["status"].str.startswith("untuned")]
+        per_target = tuned.groupby("target")["arm"].count() - 1
+        return int(per_target.max()) if len(per_target) else 0
+
+    @property
+    def floor(self) -> float:
+        """The smallest Holm-adjusted p the design can attain."""
+        n = self.spec.eval_seeds
+        return min_p_holm(n, n, max(self.tests, 1))
+
+    def power(self) -> str:
+        """One line on what the design can detect; a warning when it cannot reach ALPHA."""
+        n, m = self.spec.eval_seeds, self.tests
+        line = (f"smallest attainable Holm-adjusted p with {n} held-out seeds per arm and "
+                f"{m} arm(s) tested against {self.spec.baseline}: {self.floor:.2g}")
+        if self.floor >= ALPHA:
+            line = (f"warning: {line}, so no difference can reach p < {ALPHA:g}; use at least "
+                    f"{seeds_needed(max(m, 1))} seeds (--set eval_seeds=N)")
+        return line
+
 
 def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
-    """The per-seed frame, its statistics and the sample panels of arm results."""
+    """The per-seed frame, its statistics, each arm's compute and the sample panels."""
     import pandas as pd
 
-    rows, samples, references = [], {}, {}
+    rows, samples, references, arms = [], {}, {}, []
     targets = {t.name: t for t in spec.targets}
     for r in results:
         study = open_study(spec.arm_study(targets[r.target], r.arm), create=False)
         references[r.target] = study.user_attrs.get("reference")
+        arms.append({"target": r.target, "arm": r.arm, "status": r.status} | r.compute |
+                    {"params": json.dumps(r.params, sort_keys=True)})
         for seed, out in r.seeds.items():
             rows.append({"target": r.target, "arm": r.arm, "seed": seed} | {
-                k: v for k, v in out.items() if k != "samples"})
-        samples[(r.target, r.arm)] = r.seeds[min(r.seeds)].get("samples")
-    runs = pd.DataFrame(rows)
-    return Comparison(spec, runs, compare_stats(runs, spec.baseline), references, samples)
+                k: v for k, v in out.items() if k not in ("samples", "config")})
+        if r.seeds:
+            samples[(r.target, r.arm)] = r.seeds[min(r.seeds)].get("samples")
+    runs = pd.DataFrame(rows, columns=None if rows else ["target", "arm", "seed"])
+    arm_frame = pd.DataFrame(arms)
+    table = compare_stats(runs, spec.baseline)
+    table = table.merge(arm_frame.drop(columns="params"), on=["target", "arm"], how="left")
+    return Comparison(spec, runs, table, arm_frame, references, samples)
 
 
 def write_report(comparison: Comparison, out: Path | None = None) -> list[Path]:
@@ -275,8 +481,9 @@ def write_report(comparison: Comparison, out: Path | None = None) -> list[Path]:
 
     spec = comparison.spec
     comparison.files = write_compare_report(
-        comparison.runs, comparison.table, spec.baseline, comparison.references,
-        comparison.samples, out or Path("reports") / spec.name, f"Comparison {spec.name}")
+        comparison.runs, comparison.table, comparison.arms, spec.baseline,
+        comparison.references, comparison.samples, out or Path("reports") / spec.name,
+        f"Comparison {spec.name}", comparison.power())
     return comparison.files
 
 
@@ -324,9 +531,8 @@ class ArmProgress:
 
     target: str
     arm: str
-    tuned: int          # counted tuning trials
-    budget: int         # tuning trials planned
-    heldout: int        # held-out seeds stored
+    tuning: str         # e.g. "3/3 trials", "fixed", or "untuned (3 failed/pruned)"
+    heldout: int        # held-out seeds of the arm's best configuration stored
     seeds: int          # held-out seeds planned
 
 
@@ -338,12 +544,23 @@ def progress(spec: CompareSpec) -> list[ArmProgress]:
             study_spec = spec.arm_study(target, arm)
             try:
                 study = open_study(study_spec, create=False)
-            except GanbenchError:  # not started yet
-                out.append(ArmProgress(target.name, arm, 0, study_spec.trials, 0,
-                                       spec.eval_seeds))
+            except GanbenchError as exc:
+                if "another experiment" in str(exc):
+                    raise
+                tuning = "fixed" if spec.mode == "fixed" else \
+                    f"0/{spec.tuning_budget.amount:g} {spec.tuning_budget.unit}"
+                out.append(ArmProgress(target.name, arm, tuning, 0, spec.eval_seeds))
                 continue
-            done, _ = count_trials(study.get_trials(deepcopy=False))
-            stored = set(_stored_seeds(study)) & set(heldout_seeds(spec))
-            out.append(ArmProgress(target.name, arm, done, study_spec.trials, len(stored),
-                                   spec.eval_seeds))
+            status, params, key = _arm_state(spec, study_spec, study)
+            tuning = "fixed" if spec.mode == "fixed" else _tuning_progress(spec, study)
+            if params is None and spec.mode == "tune" and budget_done(spec, study_spec, study):
+                tuning = status
+            stored = set(_stored_seeds(study, key)) & set(heldout_seeds(spec)) if key else ()
+            out.append(ArmProgress(target.name, arm, tuning, len(stored), spec.eval_seeds))
     return out
+
+
+def budget_done(spec: CompareSpec, study_spec: StudySpec, study) -> bool:
+    """Has the arm's tuning used its budget?"""
+    trials = study.get_trials(deepcopy=False)
+    return count_trials(trials)[0] >= study_spec.trials or budget_spent(study_spec, trials)

@@ -44,6 +44,15 @@ def count_trials(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
     return done, running
 
 
+def compute_spent(trials: Sequence[FrozenTrial], unit: str) -> float:
+    """Compute used by the counted trials, in ``unit`` (trials, g_steps, d_steps, seconds;
+    each trial records the last three as user attributes)."""
+    counted = [t for t in trials if is_counted(t)]
+    if unit == "trials":
+        return float(len(counted))
+    return float(sum(t.user_attrs.get(unit, 0) for t in counted))
+
+
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """Re-queue a lost trial's parameters (at most MAX_RETRY times per original trial)."""
     origin = trial.user_attrs.get("retry_of", trial.number)

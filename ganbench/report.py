@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ganbench.metrics import METRICS  # noqa: E402
+from ganbench.metrics import METRICS, pruning_metric  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,14 +122,18 @@ def points(x: Any) -> list[list[float]]:
 
 def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
                  pareto: Sequence[int] = ()) -> "pd.DataFrame":
-    """One row per finished trial (COMPLETE, PRUNED, FAIL), best first.
+    """One row per finished trial (COMPLETE, PRUNED, FAIL): COMPLETE trials first, best
+    first by the objective, then the others by number.
 
     ``trials`` are Optuna FrozenTrials; ``objectives`` are (metric, direction) pairs.
-    Columns: number, state, the objective values, params (by their trainer names), every
+    Columns: number, state, the objective values (COMPLETE trials only: a column named for
+    a metric holds only that metric), the last intermediate value under its own name (e.g.
+    ``last_sliced_w1``: what pruning followed), params (by their trainer names), every
     metric, the objective's spread over seeds, duration, failure reason, MLflow run id.
     """
     import pandas as pd
 
+    last = f"last_{pruning_metric(objectives[0][0])}"
     rows = []
     for t in trials:
         state = t.state.name
@@ -137,8 +141,12 @@ def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
             continue
         attrs = t.user_attrs
         row: dict[str, Any] = {"number": t.number, "state": state}
-        for (metric, _), value in zip(objectives, t.values or [None] * len(objectives)):
-            row[f"objective_{metric}"] = value
+        for i, (metric, _) in enumerate(objectives):
+            # Optuna stores a pruned trial's last intermediate value as its value: not ours.
+            row[f"objective_{metric}"] = t.values[i] if state == "COMPLETE" else None
+        if len(objectives) == 1:
+            steps = sorted(t.intermediate_values)
+            row[last] = t.intermediate_values[steps[-1]] if steps else None
         row |= {k: (v if not isinstance(v, list) else str(v)) for k, v in t.params.items()}
         metrics = attrs.get("metrics", {})
         row |= {m: metrics.get(m) for m in METRICS}
@@ -157,9 +165,10 @@ def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
     if frame.empty:
         return frame
     metric, direction = objectives[0]
-    frame["_order"] = frame["state"].map({"COMPLETE": 0, "PRUNED": 1, "FAIL": 2})
+    frame["_order"] = (frame["state"] != "COMPLETE").astype(int)
     frame = frame.sort_values(["_order", f"objective_{metric}", "number"],
-                              ascending=[True, direction == "minimize", True])
+                              ascending=[True, direction == "minimize", True],
+                              na_position="last", kind="stable")
     return frame.drop(columns="_order").reset_index(drop=True)
 
 
@@ -225,8 +234,9 @@ def study_plots(study: Any, objectives: Sequence[tuple[str, str]], params: Seque
         ("slices.png", f"{name} against each parameter",
          lambda: ov.plot_slice(study, params=list(params) or None, target=target,
                                target_name=name)),
-        ("intermediate.png", "Intermediate values (pruning curves)",
-         lambda: ov.plot_intermediate_values(study)),
+        ("intermediate.png", f"Intermediate values: {pruning_metric(metric)} at each "
+         "evaluation (what pruning follows)", lambda: _labelled(
+             ov.plot_intermediate_values(study), pruning_metric(metric))),
     ]
     if multi:
         plots.insert(0, ("pareto.png", "Pareto front",
@@ -251,6 +261,11 @@ def study_plots(study: Any, objectives: Sequence[tuple[str, str]], params: Seque
         _save(fig, out / filename)
         written[filename] = caption
     return written
+
+
+def _labelled(ax: "plt.Axes", ylabel: str) -> "plt.Axes":
+    ax.set_ylabel(ylabel)
+    return ax
 
 
 def best_samples_grid(study: Any, frame: "pd.DataFrame", out: Path, top: int = 8) -> bool:
@@ -327,28 +342,53 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
 
 
 # ---------------------------------------------------------------- comparisons
-def compare_markdown(table: "pd.DataFrame", baseline: str) -> str:
-    """One table per target: arms as rows, 'mean ± std [CI]' per metric, p vs baseline."""
+def _g(value: float, digits: int = 3) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.{digits}g}"
+
+
+def compare_markdown(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
+                     power: str = "") -> str:
+    """Per target: the arms' mean ± std (± s.e.) and rank per metric; each arm's shift from
+    the baseline with its interval and adjusted p; the tuning and training each arm used."""
     out = []
     for target, sub in table.groupby("target", sort=False):
         metrics = list(dict.fromkeys(sub["metric"]))
-        lines = [f"### {target}\n",
-                 "| arm | " + " | ".join(f"{m} ({METRICS[m].arrow})" for m in metrics) + " |",
-                 "|---|" + "---|" * len(metrics)]
+        head = " | ".join(f"{m} ({METRICS[m].arrow})" for m in metrics)
+        values = [f"### {target}\n", "Held-out values: mean ± std (± s.e.) #rank\n",
+                  f"| arm | {head} |", "|---|" + "---|" * len(metrics)]
+        effects = [f"\nShift from {baseline}: Hodges–Lehmann Δ [95% bootstrap CI], exact "
+                   "rank-sum p (Holm-adjusted)\n", f"| arm | {head} |",
+                   "|---|" + "---|" * len(metrics)]
         for arm, rows in sub.groupby("arm", sort=False):
-            cells = []
-            for m in metrics:
-                r = rows[rows["metric"] == m].iloc[0]
-                cell = f"{r['mean']:.3g} ± {r['std']:.2g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
-                if arm != baseline and not np.isnan(r["p_holm"]):
-                    cell += f" p={r['p_holm']:.2g}"
-                cells.append(cell + f" #{int(r['rank'])}")
+            by = {m: rows[rows["metric"] == m].iloc[0] for m in metrics}
             name = f"{arm} (baseline)" if arm == baseline else arm
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("\n".join(lines) + "\n")
-    legend = ("mean ± std over held-out seeds [95% bootstrap CI], p = two-sided Mann-Whitney U "
-              "vs the baseline, Holm-adjusted per target and metric; #rank among arms.\n")
-    return legend + "\n" + "\n".join(out)
+            values.append(f"| {name} | " + " | ".join(
+                f"{_g(r['mean'])} ± {_g(r['std'], 2)} (± {_g(r['se'], 2)}) #{int(r['rank'])}"
+                for r in by.values()) + " |")
+            if arm != baseline:
+                effects.append(f"| {arm} | " + " | ".join(
+                    f"{_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "
+                    f"p={_g(r['p_holm'], 2)}" for r in by.values()) + " |")
+        untuned = arms[(arms["target"] == target) & arms["status"].str.startswith("untuned")]
+        for row in untuned.itertuples(index=False):
+            values.append(f"| {row.arm} | {row.status}: left out of the tests |" +
+                          " |" * (len(metrics) - 1))
+        out.append("\n".join(values + effects) + "\n")
+    compute = ["### compute per arm\n", "| target | arm | status | tuning trials | tuning G "
+               "steps | tuning D steps | tuning s | held-out G steps | held-out s |",
+               "|---|---|---|---|---|---|---|---|---|"]
+    for r in arms.itertuples(index=False):
+        compute.append(f"| {r.target} | {r.arm} | {r.status} | {r.tune_trials:g} | "
+                       f"{r.tune_g_steps:g} | {r.tune_d_steps:g} | {r.tune_seconds:.0f} | "
+                       f"{r.heldout_g_steps:g} | {r.heldout_seconds:.0f} |")
+    legend = ("Held-out runs: each arm's best configuration retrained on held-out seeds and "
+              "scored on a held-out evaluation sample. p: exact two-sided rank-sum "
+              "(Mann-Whitney U) permutation test against the baseline, ties included, "
+              "Holm-adjusted over the arms per target and metric.\n")
+    if power:
+        legend += f"\n{power[0].upper()}{power[1:]}.\n"
+    return legend + "\n" + "\n".join(out) + "\n" + "\n".join(compute) + "\n"
 
 
 def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
@@ -369,14 +409,17 @@ def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
     _save(fig, path)
 
 
-def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", baseline: str,
-                         references: dict[str, Any], samples: dict[tuple[str, str], Any],
-                         out_dir: str | os.PathLike, title: str) -> list[Path]:
+def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.DataFrame",
+                         baseline: str, references: dict[str, Any],
+                         samples: dict[tuple[str, str], Any], out_dir: str | os.PathLike,
+                         title: str, power: str = "") -> list[Path]:
     """compare.csv / compare.md / runs.csv, box plots, a sample grid and index.html, from
-    the per-seed ``runs`` and their statistics ``table`` (ganbench.compare computes both)."""
+    the per-seed ``runs``, their statistics ``table`` and the ``arms``' status and compute
+    (ganbench.compare computes all three); ``power`` is the design's one-line power note."""
     out = Path(out_dir)
     atomic_write_text(out / "compare.csv", table.to_csv(index=False))
-    atomic_write_text(out / "compare.md", compare_markdown(table, baseline))
+    markdown = compare_markdown(table, arms, baseline, power)
+    atomic_write_text(out / "compare.md", markdown)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
     files = [out / "compare.csv", out / "compare.md", out / "runs.csv"]
     figures = []
@@ -398,7 +441,7 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", baseline: 
         save_samples_grid(out / "samples.png", panels, columns=len(targets))
         figures.append(("samples.png", "Generated samples of the first held-out seed: "
                         "one row per arm"))
-    sections = [("Results", f"<pre>{compare_markdown(table, baseline)}</pre>"
+    sections = [("Results", f"<pre>{markdown}</pre>"
                  "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-seed values: "
                  "<a href='runs.csv'>runs.csv</a>.</p>")]
     sections += [(caption, f"<figure><img src='{f}' alt='{caption}'></figure>")

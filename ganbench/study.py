@@ -133,16 +133,25 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
     storage = storage or get_storage(spec, create=create)
     if not create:
         try:
-            return optuna.load_study(study_name=spec.name, storage=storage,
-                                     sampler=make_sampler(spec, worker), pruner=make_pruner(spec))
+            study = optuna.load_study(study_name=spec.name, storage=storage,
+                                      sampler=make_sampler(spec, worker),
+                                      pruner=make_pruner(spec))
         except KeyError:
             raise GanbenchError(f"no study named {spec.name!r} in the storage") from None
+        check_definition(study, spec, record=False)
+        return study
     with quiet_warnings():
         study = optuna.create_study(
             study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
             pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
     if [d.name.lower() for d in study.directions] != spec.directions:
         raise GanbenchError(f"study {spec.name!r} exists with other objectives; rename the study")
+    check_definition(study, spec)
+    if "intermediate_values" not in study.user_attrs:
+        # What Optuna's intermediate values (and a pruned trial's value) hold, by name.
+        from ganbench.metrics import pruning_metric
+
+        study.set_user_attr("intermediate_values", pruning_metric(spec.objectives[0].metric))
     if "reference" not in study.user_attrs:
         study.set_user_attr("reference", reference_points(spec))
     existing = len(study.get_trials(deepcopy=False))
@@ -151,6 +160,60 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
         # by the trials already there (still deterministic for a given history).
         study.sampler = make_sampler(spec, worker + 7919 * existing)
     return study
+
+
+# ---------------------------------------------------------------- one study, one experiment
+# What defines a study's trials. Left out: how many trials and how they run (trials, budget,
+# timeout, workers, execution, the device), where they are stored and logged, and how they
+# are drawn and stopped (sampler, pruner): changing those continues the same experiment.
+DEFINING = ("target", "train", "model", "search", "objectives", "seeds")
+
+
+def definition(spec: StudySpec) -> dict[str, Any]:
+    """The fields that define the study's trials, flattened to dotted keys (JSON values)."""
+    import json
+
+    data = json.loads(spec.model_dump_json(include=set(DEFINING), exclude_none=True))
+    data.get("train", {}).pop("device", None)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = value
+
+    walk("", data)
+    return flat
+
+
+def check_definition(study: optuna.Study, spec: StudySpec, record: bool = True) -> None:
+    """Refuse to reopen a study with another definition (one line naming the fields that
+    differ); a study without one (new, or from an older version) records this one."""
+    current = definition(spec)
+    stored = study.user_attrs.get("definition")
+    if stored is None:
+        if record:
+            study.set_user_attr("definition", current)
+        return
+    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if not differ:
+        return
+    shown = "; ".join(f"{k}: {_show(stored.get(k))} there, {_show(current.get(k))} here"
+                      for k in differ[:3])
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise GanbenchError(
+        f"study {spec.name!r} in the storage is another experiment: {shown}{more}; to run "
+        f"this one, give it a new name (e.g. --set name={spec.name.split('__')[0]}-2); "
+        "to continue the stored one, undo the change")
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else repr(value)
 
 
 def reference_points(spec: StudySpec) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ganbench.config import TrainConfig
 from ganbench.metrics import pruning_metric
@@ -27,6 +27,7 @@ from ganbench.recovery import (
     SURPLUS,
     TRIAL_FAULT,
     Heartbeat,
+    compute_spent,
     count_trials,
     fail_trial,
     local_lock,
@@ -133,6 +134,8 @@ def _conclude(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
     """
     storage = study._storage
     state, reason, values, mean = TrialState.COMPLETE, "", None, {}
+    for unit, used in compute_used(results).items():
+        storage.set_trial_user_attr(trial._trial_id, unit, used)
     if results and results[0].samples.numel():
         storage.set_trial_user_attr(trial._trial_id, "samples", points(results[0].samples))
     last = results[-1] if results else None
@@ -161,6 +164,14 @@ def _conclude(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
             final |= {f"mean.{k}": v for k, v in mean.items()}
         run.end(state, final, reason, last)
     return TrialOutcome(trial.number, state, values, reason)
+
+
+def compute_used(results: Sequence[TrainResult]) -> dict[str, float]:
+    """The compute a trial's runs used, summed over its seeds: generator steps,
+    discriminator steps (d_steps per G step) and seconds of training."""
+    return {"g_steps": sum(r.steps for r in results),
+            "d_steps": sum(r.steps * r.config.d_steps for r in results),
+            "seconds": sum(r.seconds for r in results)}
 
 
 def _fault(study: optuna.Study, trial: optuna.Trial, run, exc: Exception) -> TrialOutcome:
@@ -254,8 +265,9 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int) -> optuna.Trial |
     (not counted) by the check after asking.
     """
     with local_lock(run_dir(spec)):
-        done, running = count_trials(study.get_trials(deepcopy=False))
-        if done + running >= total:
+        trials = study.get_trials(deepcopy=False)
+        done, running = count_trials(trials)
+        if done + running >= total or budget_spent(spec, trials):
             return None
         trial = study.ask()
     before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
@@ -265,6 +277,13 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int) -> optuna.Trial |
                    "surplus: the study reached its total elsewhere")
         return None
     return trial
+
+
+def budget_spent(spec: StudySpec, trials: Sequence[FrozenTrial]) -> bool:
+    """Has the study's compute budget (if any) been used up by its counted trials?"""
+    if spec.budget is None:
+        return False
+    return compute_spent(trials, spec.budget.unit) >= spec.budget.amount
 
 
 def worker_loop(spec: StudySpec, device: str, total: int, deadline: float | None = None,

@@ -106,7 +106,7 @@ class Tracker:
     @classmethod
     def for_compare(cls, spec, raw_spec: dict) -> "Tracker":
         """Find or create a comparison's parent run."""
-        tags = {"baseline": spec.baseline, "mode": spec.mode, "budget": str(spec.budget),
+        tags = {"baseline": spec.baseline, "mode": spec.mode, "budget": spec.budget.label(),
                 "targets": ",".join(t.name for t in spec.targets)}
         return cls._root(spec, "compare", tags, raw_spec)
 
@@ -181,9 +181,17 @@ class Tracker:
             print(f"warning: tracking: could not finish the study run: {_one_line(exc)}",
                   file=sys.stderr)
 
-    def end(self, status: str = "FINISHED") -> None:
-        """End this tracker's own run (a comparison's parent run)."""
+    def end(self, status: str = "FINISHED", metrics: dict[str, float] | None = None,
+            tags: dict[str, str] | None = None) -> None:
+        """End this tracker's own run (a comparison's or an arm's) with final metrics."""
         try:
+            if metrics or tags:
+                from mlflow.entities import RunTag
+
+                _log_batch(self.client, self.handle.parent_run_id, metrics=metrics or {})
+                if tags:
+                    self.client.log_batch(self.handle.parent_run_id,
+                                          tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.set_terminated(self.handle.parent_run_id, status)
         except Exception as exc:
             print(f"warning: tracking: could not end run: {_one_line(exc)}", file=sys.stderr)

@@ -1,3 +1,7 @@
+"""Comparisons: statistics checked against independent computations, held-out runs that
+are held out, untuned arms, compute budgets and one experiment per study."""
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -5,7 +9,17 @@ import pytest
 import yaml
 from scipy import stats
 
-from ganbench.compare import bootstrap_ci, heldout_seeds, holm, search_seeds
+from ganbench import compare
+from ganbench.compare import (
+    bootstrap_ci,
+    heldout_configs,
+    heldout_seeds,
+    holm,
+    min_p_holm,
+    rank_sum_p,
+    search_seeds,
+    seeds_needed,
+)
 from ganbench.errors import SpecError
 from ganbench.spec import load_compare
 from tests.conftest import ganbench
@@ -31,6 +45,79 @@ def write(folder, **changes):
     return path
 
 
+def permutation_p(x, y) -> float:
+    """An independent two-sided p: scipy's exact permutation test of the U statistic."""
+    return stats.permutation_test(
+        (np.asarray(x, float), np.asarray(y, float)),
+        lambda a, b: stats.mannwhitneyu(a, b).statistic, permutation_type="independent",
+        n_resamples=np.inf, alternative="two-sided").pvalue
+
+
+def test_rank_sum_p_by_hand_with_ties():
+    # Pooled 0,0,1,1,1,2 → midranks 1.5,1.5,4,4,4,6; x = (1,1,2) sums to 14. Of the 20
+    # splits, 3 reach 14 (two of the three 4s with the 6): P(W ≥ 14) = 0.15, p = 0.3.
+    assert rank_sum_p([1, 1, 2], [0, 0, 1]) == pytest.approx(0.3)
+    # Five seeds all better: the most extreme of C(10, 5) = 252 splits, on both sides.
+    assert rank_sum_p([1] * 5, [0] * 5) == pytest.approx(2 / 252)
+    # The normal approximation the tests used before is not this (it gave 0.0040).
+    assert stats.mannwhitneyu([1] * 5, [0] * 5).pvalue == pytest.approx(0.00398, abs=1e-5)
+
+
+@pytest.mark.parametrize("n1,n2,ties", [(5, 5, False), (5, 5, True), (4, 6, True),
+                                        (8, 8, True), (2, 7, True), (6, 3, False)])
+def test_rank_sum_p_equals_scipys_permutation_test(n1, n2, ties):
+    rng = np.random.default_rng(n1 * 10 + n2)
+    for _ in range(3):
+        x, y = rng.normal(size=n1), rng.normal(0.7, size=n2)
+        if ties:
+            x, y = np.round(x), np.round(y)
+        assert rank_sum_p(x, y) == pytest.approx(permutation_p(x, y), rel=1e-12)
+
+
+def test_the_designs_power():
+    # 5 seeds and 7 arms cannot reject after Holm; 6 can; 10 has room to spare.
+    assert min_p_holm(5, 5, 7) == pytest.approx(7 * 2 / 252)
+    assert min_p_holm(5, 5, 7) > 0.05 > min_p_holm(6, 6, 7)
+    assert min_p_holm(10, 10, 7) == pytest.approx(7 * 2 / 184756)
+    assert seeds_needed(7) == 6 and seeds_needed(1) == 4
+    # The shipped comparison's default is enough for its 7 tested arms.
+    spec = load_compare("studies/tricks.yaml")
+    assert min_p_holm(spec.eval_seeds, spec.eval_seeds, len(spec.arms) - 1) < 0.05
+
+
+def test_hodges_lehmann_shift_and_interval():
+    assert compare.hodges_lehmann([1, 2, 3], [0, 0, 0]) == 2.0
+    low, high = compare.shift_ci([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 1.0])
+    assert low <= compare.hodges_lehmann([1, 2, 3, 4], [0, 1, 0, 1]) <= high
+    assert compare.shift_ci([1.0, 1.0], [1.0, 1.0]) == (0.0, 0.0)
+
+
+def test_held_out_runs_use_their_own_evaluation_sample(tmp_path):
+    spec = load_compare(write(tmp_path))
+    study = spec.arm_study(spec.targets[0], "plain")
+    tuning = study.trial_config({}).eval_seed
+    configs = heldout_configs(spec, study, {}, "cpu", heldout_seeds(spec))
+    assert {c.eval_seed for c in configs} == {spec.heldout_eval_seed} != {tuning}
+    with pytest.raises(SpecError, match="heldout_eval_seed: equals the tuning eval_seed"):
+        load_compare(write(tmp_path, heldout_eval_seed=tuning))
+
+
+def test_a_held_out_seed_does_not_depend_on_its_group(tmp_path):
+    from ganbench.population import train_population
+
+    spec = load_compare(write(tmp_path))
+    study = spec.arm_study(spec.targets[0], "ema")
+    seeds = heldout_seeds(spec)
+    group = train_population(heldout_configs(spec, study, {"lr_g": 1e-3}, "cpu", seeds),
+                             streams="member")
+    alone = train_population(heldout_configs(spec, study, {"lr_g": 1e-3}, "cpu", seeds[1:2]),
+                             streams="member")
+    # Same data, noise and initial weights whatever the group: what differs is the rounding
+    # of float32 batched products of another batch size (about 1e-10 here).
+    assert alone[0].metrics == pytest.approx(group[1].metrics, rel=1e-6)
+    for a, b in zip(alone[0].history, group[1].history):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert group[0].metrics != pytest.approx(group[1].metrics, rel=1e-3)
 
 
 def test_holm_known_values():
@@ -69,7 +156,9 @@ def test_arm_values_win_over_the_search_space(tmp_path):
     ({"arms": {"plain": {}, "x": {"tricks": {"clip": {}}}}}, "arms.x.tricks.clip",
      "bounds a WGAN critic"),
     ({"baseline": "vanilla"}, "baseline", "no arm named 'vanilla'"),
-    ({"budget": 0}, "budget", "greater than 0"),
+    ({"budget": 0}, "budget.trials", "greater than 0"),
+    ({"budget": {"g_steps": 10, "trials": 2}}, "budget", "give exactly one unit"),
+    ({"budget": "lots"}, "budget", "expected a number of trials or one of {trials: N}"),
     ({"arms": {"plain": {"colour": 1}}}, "arms.plain.colour", "unknown key"),
 ])
 def test_bad_comparisons_are_refused(tmp_path, changes, field, needle):
@@ -104,7 +193,13 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     table = pd.read_csv(out / "compare.csv")
     runs = pd.read_csv(out / "runs.csv")
     assert table.columns[0] == "arm"
-    assert {"mean", "std", "ci_low", "ci_high", "p_value", "p_holm", "rank"} <= set(table)
+    assert {"mean", "std", "se", "ci_low", "ci_high", "shift", "shift_low", "shift_high",
+            "p_value", "p_holm", "min_p_holm", "rank", "status", "tune_trials", "tune_g_steps",
+            "tune_d_steps", "tune_seconds", "heldout_g_steps", "heldout_seconds"} <= set(table)
+    assert (table["tune_trials"] == 2).all() and (table["tune_g_steps"] == 80).all()
+    assert (table["heldout_g_steps"] == 3 * 40).all() and (table["status"] == "tuned").all()
+    assert "warning: smallest attainable Holm-adjusted p with 3 held-out seeds per arm and " \
+           "2 arm(s) tested against plain: 0.2" in " ".join(proc.stdout.split())
     assert set(table["arm"]) == {"plain", "pacgan2", "ema"}
     assert sorted(runs["seed"].unique()) == [1000, 1001, 1002]
     for metric in ("w1", "modes", "kl"):
@@ -115,12 +210,16 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
             vals = runs.loc[runs["arm"] == arm, metric].to_numpy()
             assert rows.loc[arm, "mean"] == pytest.approx(vals.mean())
             assert rows.loc[arm, "std"] == pytest.approx(vals.std(ddof=1))
+            assert rows.loc[arm, "se"] == pytest.approx(vals.std(ddof=1) / math.sqrt(3))
             low, high = bootstrap_ci(vals)
             assert (rows.loc[arm, "ci_low"], rows.loc[arm, "ci_high"]) == \
                 pytest.approx((low, high), nan_ok=True)
             if arm != "plain":
-                raw_p[arm] = stats.mannwhitneyu(vals, base, alternative="two-sided").pvalue
-                assert rows.loc[arm, "p_value"] == pytest.approx(raw_p[arm])
+                raw_p[arm] = permutation_p(vals, base)
+                assert rows.loc[arm, "p_value"] == pytest.approx(raw_p[arm], rel=1e-12)
+                assert rows.loc[arm, "shift"] == pytest.approx(
+                    np.median(np.subtract.outer(vals, base)))
+                assert rows.loc[arm, "min_p_holm"] == pytest.approx(2 * 2 / math.comb(6, 3))
         adjusted = dict(zip(raw_p, holm(list(raw_p.values()))))
         for arm, p in adjusted.items():
             assert rows.loc[arm, "p_holm"] == pytest.approx(p)
@@ -151,3 +250,106 @@ def test_fixed_mode_skips_tuning(tmp_path):
     assert "tuning" not in proc.stdout
     runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
     assert len(runs) == 3 * 2
+
+
+def arm_study(folder, arm):
+    import optuna
+
+    from ganbench.study import get_storage
+
+    spec = load_compare(folder / "cmp.yaml")
+    study_spec = spec.arm_study(spec.targets[0], arm)
+    return optuna.load_study(study_name=study_spec.name, storage=get_storage(study_spec))
+
+
+@pytest.mark.slow
+def test_a_top_up_that_changes_the_best_retrains_its_held_out_seeds(tmp_path):
+    first = ganbench("compare", str(write(tmp_path, budget=1, eval_seeds=2)), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {arm: compare.best_params(arm_study(tmp_path, arm), load_compare(
+        tmp_path / "cmp.yaml")) for arm in COMPARE["arms"]}
+    old = {arm: dict(arm_study(tmp_path, arm).user_attrs) for arm in COMPARE["arms"]}
+    more = ganbench("compare", str(write(tmp_path, budget=4, eval_seeds=2)), cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    spec = load_compare(tmp_path / "cmp.yaml")
+    changed = 0
+    for arm in COMPARE["arms"]:
+        study = arm_study(tmp_path, arm)
+        after = compare.best_params(study, spec)
+        stored = {k: v for k, v in study.user_attrs.items() if k.startswith("eval.")}
+        key = compare.config_key(heldout_configs(
+            spec, spec.arm_study(spec.targets[0], arm), after, "cpu", [0])[0])
+        assert {v["config"] for v in stored.values()} == {key}
+        if after != before[arm]:
+            changed += 1  # retrained: the stored runs are those of the new best
+            assert all(stored[k]["seconds"] != old[arm][k]["seconds"] for k in stored)
+        else:
+            assert all(stored[k] == old[arm][k] for k in stored)  # kept as they were
+    assert changed >= 1  # the seeded sampler's four trials beat the first on some arm
+    runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    assert len(runs) == 3 * 2
+
+
+@pytest.mark.slow
+def test_an_untuned_arm_is_named_and_left_out_of_the_tests(tmp_path):
+    arms = COMPARE["arms"] | {"exploding": {"loss": "wasserstein", "optimizer": "sgd",
+                                            "lr_d": 1.0e4, "lr_g": 1.0e4}}
+    proc = ganbench("compare", str(write(tmp_path, arms=arms)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "exploding: untuned (2 failed/pruned): no held-out runs" in proc.stdout
+    table = pd.read_csv(tmp_path / "reports/cmp/compare.csv")
+    runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    assert "exploding" not in set(table["arm"]) and "exploding" not in set(runs["arm"])
+    # Holm counts the two tuned arms only.
+    assert (table.loc[table["arm"] != "plain", "min_p_holm"] == pytest.approx(0.2)).all()
+    md = (tmp_path / "reports/cmp/compare.md").read_text()
+    assert "| exploding | untuned (2 failed/pruned): left out of the tests |" in md
+
+
+@pytest.mark.slow
+def test_a_compute_budget_and_population_tuning(tmp_path):
+    path = write(tmp_path, budget={"g_steps": 100}, eval_seeds=2,
+                 execution={"mode": "population", "size": 2})
+    proc = ganbench("compare", str(path), "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "reports/cmp/compare.csv")
+    # 40 G steps per trial: tuning stops once 100 are spent, a population of 2 at a time.
+    assert set(table["tune_g_steps"]) == {160} and set(table["tune_trials"]) == {4}
+    for arm in COMPARE["arms"]:
+        trials = arm_study(tmp_path, arm).get_trials()
+        assert {t.user_attrs["execution"] for t in trials} == {"population"}
+    status = ganbench("status", str(path), cwd=tmp_path)
+    assert status.stdout.count("160/100 g steps") == 3
+
+
+@pytest.mark.slow
+def test_a_changed_comparison_is_refused_naming_the_field(tmp_path):
+    proc = ganbench("compare", str(write(tmp_path, budget=1, eval_seeds=2)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    again = ganbench("compare", str(write(tmp_path, budget=1, eval_seeds=2)),
+                     "--set", "train.steps=60", cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "train.steps: 40 there, 60 here" in again.stderr
+    assert "--set name=cmp-2" in again.stderr
+    for command in ("report", "status"):
+        other = ganbench(command, str(tmp_path / "cmp.yaml"), "--set", "train.steps=60",
+                         cwd=tmp_path)
+        assert other.returncode == 2 and "another experiment" in other.stderr
+
+
+@pytest.mark.slow
+def test_every_mlflow_run_of_a_comparison_ends(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    path = write(tmp_path, eval_seeds=2, budget=1, tracking={"uri": mlflow_server.url})
+    proc = ganbench("compare", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    arms = [r for r in runs if r.data.tags.get("ganbench.role") == "arm"]
+    assert len(arms) == 3 and all(r.info.status == "FINISHED" for r in arms)
+    table = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    for run in arms:
+        values = table.loc[table["arm"] == run.data.tags["arm"], "w1"]
+        assert run.data.metrics["heldout.w1"] == pytest.approx(values.mean())

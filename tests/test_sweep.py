@@ -50,6 +50,33 @@ def test_pruner_prunes_a_bad_region(in_tmp):
     pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert pruned and len(study.get_trials()) == 10
     assert all(t.last_step is not None and t.last_step < 80 for t in pruned)
+    # One column, one metric: a pruned trial's last value is sliced W1 and shown as such.
+    frame = trials_frame(study.get_trials(), [("w1", "minimize")]).set_index("number")
+    for t in pruned:
+        assert frame.loc[t.number, "objective_w1"] != frame.loc[t.number, "objective_w1"]
+        assert frame.loc[t.number, "last_sliced_w1"] == t.intermediate_values[t.last_step]
+    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    for t in complete:
+        assert frame.loc[t.number, "objective_w1"] == t.user_attrs["metrics"]["w1"]
+    assert list(frame["state"])[:len(complete)] == ["COMPLETE"] * len(complete)
+    assert study.user_attrs["intermediate_values"] == "sliced_w1"
+
+
+def test_a_changed_study_is_refused_naming_the_field(in_tmp):
+    path = write_spec(in_tmp, trials=1)
+    sweep.worker_loop(load_spec(path), "cpu", 1)
+    for command in ("sweep", "worker", "report", "status"):
+        proc = ganbench(command, str(path), "--set", "train.steps=60", "--set",
+                        "search.hidden.choices=[16]", cwd=in_tmp)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert ("study 'tiny' in the storage is another experiment: search.hidden.choices: "
+                "[16, 32] there, [16] here; train.steps: 40 there, 60 here; to run this one, "
+                "give it a new name (e.g. --set name=tiny-2)") in proc.stderr
+    # What does not define the trials can change: more trials top the study up.
+    topped = ganbench("sweep", str(path), "--trials", "2", "--set", "sampler.seed=5",
+                      "--set", "pruner.name=median", cwd=in_tmp)
+    assert topped.returncode == 0, topped.stderr
+    assert len(open_study(load_spec(path)).get_trials()) == 2
 
 
 def test_diverging_trials_fail_with_reason_and_count(in_tmp):
