@@ -251,6 +251,10 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
     tracker = plan.tracker
     try:
         if tracker is not None:
+            # Dead workers' trials first: a run whose trial was still RUNNING is an orphan
+            # only once that trial is failed (a kill can land between creating the run and
+            # recording its id in the trial).
+            recover_dead_workers(plan.study, tracker.end_lost)
             tracker.close_orphans(plan.study)
         return supervise(plan.spec, plan.devices, tracker and tracker.handle, on_poll,
                          on_lost=tracker and tracker.end_lost)
@@ -274,6 +278,8 @@ def join_study(spec: StudySpec, device: str = "auto",
     set_threads(dev, cpu_threads(spec, 1))
     study, tracker = open_tracked(spec)
     recover_dead_workers(study, tracker and tracker.end_lost)
+    if tracker is not None:
+        tracker.close_orphans(study)
     deadline = time.time() + spec.timeout if spec.timeout else None
     if on_join is not None:
         on_join(dev)
