@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 
 from ganbench import workers
 from ganbench.config import TrainConfig
-from ganbench.errors import GanbenchError
+from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
 from ganbench.recovery import compute_spent, count_trials, is_counted, recover_dead_workers
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec
@@ -138,12 +139,14 @@ def _arm_state(spec: CompareSpec, study_spec: StudySpec, study
 
 
 def _compute(study, seeds: dict[int, dict[str, Any]]) -> dict[str, float]:
-    """The compute an arm used: its counted tuning trials and its held-out runs."""
+    """The compute an arm used: its counted tuning trials (steps, and seconds of training
+    summed over trials) and its held-out runs (steps, and the wall seconds they took)."""
     trials = study.get_trials(deepcopy=False)
     out = {f"tune_{u}": compute_spent(trials, u)
            for u in ("trials", "g_steps", "d_steps", "seconds")}
-    for unit in ("g_steps", "d_steps", "seconds"):
+    for unit in ("g_steps", "d_steps"):
         out[f"heldout_{unit}"] = float(sum(r.get(unit, 0) for r in seeds.values()))
+    out["heldout_wall_seconds"] = float(study.user_attrs.get("heldout_wall_seconds", 0.0))
     return out
 
 
@@ -202,18 +205,31 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
     threads = workers.population_threads(sum(1 for device, _ in groups if device == "cpu"))
     jobs = [(spec.model_dump_json(), study_spec.model_dump_json(), params, part, device,
              threads) for device, part in groups]
+    start = time.perf_counter()
     for finished in pool.imap_unordered(_train_heldout, jobs):
         for seed, out in finished:
             study.set_user_attr(f"eval.{seed}", out)  # stored as each finishes: resumable
             done_seeds[seed] = out
             if tracker:
                 tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec)
+    if jobs:  # wall time of the held-out runs (members of a population share it)
+        study.set_user_attr("heldout_wall_seconds", study.user_attrs.get(
+            "heldout_wall_seconds", 0.0) + time.perf_counter() - start)
     chosen = {s: done_seeds[s] for s in seeds}
     if tracker:  # the arm's run ends with its held-out means
         means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
                  for m in METRICS if all(m in r for r in chosen.values())}
         tracker.end("FINISHED", means, {"status": status})
     return ArmResult(target.name, arm, params, chosen, status, _compute(study, chosen))
+
+
+def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str) -> tuple[StudySpec, Any]:
+    """An arm's study spec and its stored study (None if it has not run); nothing created."""
+    study_spec = spec.arm_study(target, arm)
+    try:
+        return study_spec, open_study(study_spec, create=False)
+    except NoStudy:
+        return study_spec, None
 
 
 def stored_arms(spec: CompareSpec) -> list[ArmResult]:
@@ -223,14 +239,10 @@ def stored_arms(spec: CompareSpec) -> list[ArmResult]:
     seeds = heldout_seeds(spec)
     for target in spec.targets:
         for arm in spec.arms:
-            study_spec = spec.arm_study(target, arm)
-            try:
-                study = open_study(study_spec, create=False)
-            except GanbenchError as exc:
-                if "another experiment" in str(exc):
-                    raise
+            study_spec, study = _open_arm(spec, target, arm)
+            if study is None:
                 raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
-                                    "has not run; run `ganbench compare` first") from None
+                                    "has not run; run `ganbench compare` first")
             status, params, key = _arm_state(spec, study_spec, study)
             if params is None:
                 results.append(ArmResult(target.name, arm, {}, {}, status, _compute(study, {})))
@@ -541,12 +553,8 @@ def progress(spec: CompareSpec) -> list[ArmProgress]:
     out = []
     for target in spec.targets:
         for arm in spec.arms:
-            study_spec = spec.arm_study(target, arm)
-            try:
-                study = open_study(study_spec, create=False)
-            except GanbenchError as exc:
-                if "another experiment" in str(exc):
-                    raise
+            study_spec, study = _open_arm(spec, target, arm)
+            if study is None:
                 tuning = "fixed" if spec.mode == "fixed" else \
                     f"0/{spec.tuning_budget.amount:g} {spec.tuning_budget.unit}"
                 out.append(ArmProgress(target.name, arm, tuning, 0, spec.eval_seeds))

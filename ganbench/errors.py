@@ -23,6 +23,10 @@ class SpecError(GanbenchError):
         self.path, self.message = path, message
 
 
+class NoStudy(GanbenchError):
+    """The study (or its storage) does not exist yet."""
+
+
 def lookup(registry: dict, name: str, kind: str, field: str | None = None):
     """Return ``registry[name]`` or raise a GanbenchError listing the valid choices."""
     try:

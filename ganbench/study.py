@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import optuna
 
-from ganbench.errors import GanbenchError, SpecError
+from ganbench.errors import GanbenchError, NoStudy, SpecError
 from ganbench.recovery import GRACE_PERIOD, HEARTBEAT_INTERVAL, retry_callback
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec
 
@@ -102,13 +102,13 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
 
         path = run_dir(spec) / "optuna.log"
         if not create and not path.exists():
-            raise GanbenchError(f"no study found: {path} does not exist (run `ganbench sweep` "
-                                "first)")
+            raise NoStudy(f"no study found: {path} does not exist (run `ganbench sweep` "
+                          "first)")
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     url = spec.storage
     if url.startswith("sqlite:///") and not create and not Path(url[10:]).exists():
-        raise GanbenchError(f"no study found: {url[10:]} does not exist")
+        raise NoStudy(f"no study found: {url[10:]} does not exist")
     try:
         with quiet_warnings():
             return optuna.storages.RDBStorage(
@@ -137,7 +137,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
                                       sampler=make_sampler(spec, worker),
                                       pruner=make_pruner(spec))
         except KeyError:
-            raise GanbenchError(f"no study named {spec.name!r} in the storage") from None
+            raise NoStudy(f"no study named {spec.name!r} in the storage") from None
         check_definition(study, spec, record=False)
         return study
     with quiet_warnings():

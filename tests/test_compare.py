@@ -195,7 +195,8 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     assert table.columns[0] == "arm"
     assert {"mean", "std", "se", "ci_low", "ci_high", "shift", "shift_low", "shift_high",
             "p_value", "p_holm", "min_p_holm", "rank", "status", "tune_trials", "tune_g_steps",
-            "tune_d_steps", "tune_seconds", "heldout_g_steps", "heldout_seconds"} <= set(table)
+            "tune_d_steps", "tune_seconds", "heldout_g_steps", "heldout_d_steps",
+            "heldout_wall_seconds"} <= set(table)
     assert (table["tune_trials"] == 2).all() and (table["tune_g_steps"] == 80).all()
     assert (table["heldout_g_steps"] == 3 * 40).all() and (table["status"] == "tuned").all()
     assert "warning: smallest attainable Holm-adjusted p with 3 held-out seeds per arm and " \
