@@ -144,9 +144,10 @@ def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
         for i, (metric, _) in enumerate(objectives):
             # Optuna stores a pruned trial's last intermediate value as its value: not ours.
             row[f"objective_{metric}"] = t.values[i] if state == "COMPLETE" else None
-        if len(objectives) == 1:
+        if len(objectives) == 1:  # where a trial stopped short of its final score
             steps = sorted(t.intermediate_values)
-            row[last] = t.intermediate_values[steps[-1]] if steps else None
+            row[last] = (t.intermediate_values[steps[-1]] if steps and state != "COMPLETE"
+                         else None)
         row |= {k: (v if not isinstance(v, list) else str(v)) for k, v in t.params.items()}
         metrics = attrs.get("metrics", {})
         row |= {m: metrics.get(m) for m in METRICS}
