@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -429,6 +430,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        if argv is None and not debug:
+            # From the command line, a user error ends the process at once: unloading torch
+            # and scipy at interpreter exit takes a third of a second and nothing is left to
+            # clean up (the error is raised before, or after closing, what a command opens).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
