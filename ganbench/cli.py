@@ -430,10 +430,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        if argv is None and not debug:
-            # From the command line, a user error ends the process at once: unloading torch
-            # and scipy at interpreter exit takes a third of a second and nothing is left to
-            # clean up (the error is raised before, or after closing, what a command opens).
+        if argv is None and not debug and "multiprocessing.synchronize" not in sys.modules:
+            # From the command line, a user error found before any worker pool (whose
+            # semaphores want a clean exit) ends the process at once: unloading torch and
+            # scipy at interpreter exit takes a third of a second, and nothing else is open.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)

@@ -507,6 +507,9 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
 
     first = spec.arm_study(spec.targets[0], spec.baseline)
     check_spec(first, spec.name)
+    for target in spec.targets:  # a changed definition is refused before anything starts
+        for arm in spec.arms:
+            _open_arm(spec, target, arm)
     device_list = workers.default_devices(spec.workers, devices)
     root = None
     if spec.tracking is not False:

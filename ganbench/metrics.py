@@ -7,7 +7,8 @@ Definitions (shared with the reports):
 - ``sliced_w1``: mean over random unit directions of the 1-D W1 of the projections
   (Rabin et al. 2011; Deshpande et al. 2018).
 - ``mode_metrics``: the mode-collapse metrics of VEEGAN (Srivastava et al. 2017) and
-  PacGAN (Lin et al. 2018): high-quality percentage, captured modes and reverse KL.
+  PacGAN (Lin et al. 2018): high-quality percentage, captured modes and the reverse KL of
+  the high-quality samples' mode histogram.
 
 :data:`METRICS` names every metric once: its direction, a line of description with its
 source, whether it needs mode centres, when it is computed and how. Spec validation,
@@ -159,10 +160,18 @@ def _hq(ev: Evaluation) -> float:
 
 
 def _kl(ev: Evaluation) -> float:
+    """Reverse KL as PacGAN's evaluation code computes it (fjxmlzn/PacGAN, MetricLogger):
+    the histogram of the *high-quality* samples over their nearest modes, normalised by
+    their number, against the mode weights: KL(p_HQ ‖ w) (= log K − H(p_HQ) for uniform
+    weights). Low-quality samples are left out. With no high-quality sample the histogram
+    is empty and the divergence undefined (PacGAN's code gives NaN): it is +inf, so such a
+    run ranks below every run with at least one high-quality sample."""
     import torch
 
     k = ev.centers.shape[0]
-    counts = torch.bincount(ev.nearest[1], minlength=k).double()
+    counts = torch.bincount(ev.nearest[1][ev.high_quality], minlength=k).double()
+    if counts.sum() == 0:
+        return math.inf
     p = counts / counts.sum()
     q = (torch.full((k,), 1.0 / k, dtype=torch.float64) if ev.weights is None
          else ev.weights.double())
@@ -204,8 +213,8 @@ METRICS: dict[str, Metric] = {
                     integer=True, worst=0),
     "hq": Metric("maximize", "% of samples within 3σ of their nearest mode "
                  "(VEEGAN; PacGAN, Lin et al. 2018)", _hq, needs_centers=True, worst=0.0),
-    "kl": Metric("minimize", "reverse KL of the nearest-mode histogram to the mode weights "
-                 "(PacGAN, Lin et al. 2018)", _kl, needs_centers=True),
+    "kl": Metric("minimize", "reverse KL of the high-quality samples' mode histogram to the "
+                 "mode weights (PacGAN, Lin et al. 2018)", _kl, needs_centers=True),
 }
 
 
@@ -256,9 +265,10 @@ def mode_metrics(
       ``threshold`` (3 in 2-D; see :func:`hq_threshold`).
     - ``modes``: number of centres that are the nearest centre of at least one
       high-quality sample.
-    - ``kl``: reverse KL(p_gen ‖ p_target) between the histogram of all samples over their
-      nearest centres and the mode ``weights`` (uniform by default); all samples in one of
-      8 equal modes gives log 8.
+    - ``kl``: reverse KL(p_HQ ‖ p_target) between the histogram of the high-quality
+      samples over their nearest centres and the mode ``weights`` (uniform by default), as
+      PacGAN's code computes it; all of them in one of 8 equal modes gives log 8, none at
+      all gives +inf.
     """
     ev = Evaluation(samples, samples, centers, std, weights, threshold=threshold)
     return {"modes": _modes(ev), "hq": _hq(ev), "kl": _kl(ev)}

@@ -74,12 +74,69 @@ def test_collapse_to_one_mode():
     assert out == {"modes": 1, "hq": 100.0, "kl": pytest.approx(math.log(8))}
 
 
-def test_far_samples_are_not_high_quality_but_count_in_kl():
+def pacgan_metrics(samples: np.ndarray, centers: np.ndarray, std: float,
+                   threshold: float = 3.0) -> dict:
+    """PacGAN's definitions (Lin et al. 2018; their MetricLogger), written independently in
+    numpy/scipy: each sample goes to the mode of smallest σ-scaled distance; it is high
+    quality if that distance is below 3; a mode is covered if it holds a high-quality
+    sample; reverse KL = log K − H(histogram of the high-quality samples)."""
+    from scipy.stats import entropy
+
+    dist = np.sqrt((((samples[:, None, :] - centers[None]) / std) ** 2).sum(-1))
+    nearest, good = dist.argmin(1), dist.min(1) < threshold
+    detail = np.bincount(nearest[good], minlength=len(centers)).astype(float)
+    kl = (math.log(len(centers)) - entropy(detail / detail.sum())) if detail.sum() else math.inf
+    return {"modes": int((detail > 0).sum()), "hq": 100.0 * good.mean(), "kl": kl}
+
+
+def hand_built(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """Sample sets with known answers on the ring of 8 (σ 0.01)."""
     ring = get_target("ring")
-    samples = torch.cat([ring.centers * 1.5, ring.centers])  # half of them 0.5 away
+    c, g = ring.centers.double(), torch.Generator().manual_seed(seed)
+    near = lambda k, n: c[k] + 0.01 * torch.randn(n, 2, generator=g, dtype=torch.float64)  # noqa: E731
+    far = 1.5 * c[torch.arange(800) % 8] + 0.05 * torch.randn(800, 2, generator=g,
+                                                               dtype=torch.float64)
+    return [
+        ("one mode", near(3, 400)),
+        ("all modes evenly", torch.cat([near(k, 50) for k in range(8)])),
+        ("two modes 3:1", torch.cat([near(0, 300), near(5, 100)])),
+        # 2% high quality, all in one mode, the rest spread evenly over the 8 directions:
+        # binning every sample (as before) gave a KL near 0; PacGAN's gives log 8.
+        ("few HQ in one mode, the rest far", torch.cat([near(2, 16), far])),
+        ("nothing high quality", far),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_mode_metrics_reproduce_pacgans_definitions(case):
+    ring = get_target("ring")
+    name, samples = hand_built()[case]
+    ours = M.mode_metrics(samples, ring.centers, ring.std)
+    theirs = pacgan_metrics(samples.numpy(), ring.centers.double().numpy(), ring.std)
+    assert ours["modes"] == theirs["modes"], name
+    assert ours["hq"] == pytest.approx(theirs["hq"], rel=1e-12), name
+    assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-9, abs=1e-12), name
+
+
+def test_kl_counts_high_quality_samples_only():
+    ring = get_target("ring")
+    cases = dict(hand_built())
+    kl = {k: M.mode_metrics(v, ring.centers, ring.std)["kl"] for k, v in cases.items()}
+    assert kl["one mode"] == pytest.approx(math.log(8))
+    assert kl["all modes evenly"] < 1e-3  # a few of the 400 fall beyond 3σ
+    assert kl["two modes 3:1"] == pytest.approx(  # log 8 − H(3/4, 1/4), up to the few
+        math.log(8) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25), abs=2e-3)
+    assert kl["few HQ in one mode, the rest far"] == pytest.approx(math.log(8))
+    assert kl["nothing high quality"] == math.inf  # ranks below any run with an HQ sample
+    assert M.METRICS["kl"].direction == "minimize"
+
+
+def test_far_samples_are_not_high_quality_nor_in_kl():
+    ring = get_target("ring")
+    samples = torch.cat([ring.centers * 1.5, ring.centers[:4]])  # 8 far, 4 on modes 0-3
     out = M.mode_metrics(samples, ring.centers, ring.std)
-    assert out["hq"] == pytest.approx(50.0) and out["modes"] == 8
-    assert out["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert out["hq"] == pytest.approx(100 * 4 / 12) and out["modes"] == 4
+    assert out["kl"] == pytest.approx(math.log(2))  # 4 equal modes of 8
 
 
 def test_evaluate_handles_non_finite_samples():
