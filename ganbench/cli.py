@@ -364,6 +364,7 @@ def compare_cmd(
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
     each best configuration on held-out seeds, test against the baseline arm."""
+    from ganbench.report import summary
     from ganbench.spec import QUICK, load_compare, read_yaml
 
     overrides = []
@@ -394,7 +395,7 @@ def compare_cmd(
             for m in metrics:
                 r = g[g["metric"] == m].iloc[0]
                 p = "" if arm == spec.baseline else f" p={r['p_holm']:.2g}"
-                cells.append(f"{r['mean']:.3g} ± {r['se']:.2g}{p}")
+                cells.append(summary(r, se_only=True) + p)
             t.add_row(arm, *cells)
         arms = result.arms[result.arms["target"] == target]
         for row in arms[arms["status"].str.startswith("untuned")].itertuples(index=False):

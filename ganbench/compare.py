@@ -367,20 +367,27 @@ def shift_ci(x: Sequence[float], y: Sequence[float], seed: int = 0) -> tuple[flo
     rng = np.random.default_rng(seed)
     xs = x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))]
     ys = y[rng.integers(0, len(y), size=(BOOTSTRAP, len(y)))]
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # inf − inf where both arms have an inf value
         shifts = np.median(xs[:, :, None] - ys[:, None, :], axis=(1, 2))
-    low, high = np.nanpercentile(shifts, [2.5, 97.5])
+        low, high = np.nanpercentile(shifts, [2.5, 97.5])
     return float(low), float(high)
 
 
-STATS_COLUMNS = ["arm", "target", "metric", "n", "mean", "std", "se", "ci_low", "ci_high",
+def _median(values: np.ndarray) -> float:
+    with np.errstate(invalid="ignore"):  # numpy interpolates inf with inf
+        return float(np.median(values))
+
+
+STATS_COLUMNS = ["arm", "target", "metric", "n", "n_inf", "mean", "median", "std", "se",
+                 "ci_low", "ci_high",
                  "shift", "shift_low", "shift_high", "rank", "p_value", "p_holm",
                  "min_p_holm"]
 
 
 def compare_stats(runs: "pd.DataFrame", baseline: str,
                   metrics: Sequence[str] | None = None) -> "pd.DataFrame":
-    """Per target, arm and metric: n, mean, std, standard error, 95% bootstrap CI of the
+    """Per target, arm and metric: n, how many values are infinite (e.g. ``kl`` of a run
+    with no high-quality sample), mean, median, std, standard error, 95% bootstrap CI of the
     mean, the Hodges–Lehmann shift from the baseline with its 95% bootstrap CI, rank, the
     exact two-sided rank-sum p-value against the baseline (:func:`rank_sum_p`), its
     Holm-adjusted value over the arms, and the smallest adjusted p the design can attain.
@@ -402,9 +409,12 @@ def compare_stats(runs: "pd.DataFrame", baseline: str,
             for arm, group in sub.groupby("arm", sort=False):
                 vals = group[metric].to_numpy(float)
                 low, high = bootstrap_ci(vals)
-                std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                with np.errstate(invalid="ignore"):  # inf values: std is nan, said so
+                    std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
                 row = {"arm": arm, "target": target, "metric": metric, "n": len(vals),
-                       "mean": float(vals.mean()), "std": std,
+                       "n_inf": int((~np.isfinite(vals)).sum()),
+                       "mean": float(vals.mean()), "median": _median(vals),
+                       "std": std,
                        "se": std / math.sqrt(len(vals)), "ci_low": low, "ci_high": high,
                        "shift": math.nan, "shift_low": math.nan, "shift_high": math.nan,
                        "p_value": math.nan}

@@ -348,6 +348,16 @@ def _g(value: float, digits: int = 3) -> str:
         else f"{value:.{digits}g}"
 
 
+def summary(r: Any, se_only: bool = False) -> str:
+    """A stats row as 'mean ± std (± s.e.)' ('mean ± s.e.' with ``se_only``); where some
+    seeds are infinite (a kl without any high-quality sample), how many, and the median."""
+    if r["n_inf"]:
+        return f"inf in {int(r['n_inf'])}/{int(r['n'])} seeds, median {_g(r['median'])}"
+    if se_only:
+        return f"{_g(r['mean'])} ± {_g(r['se'], 2)}"
+    return f"{_g(r['mean'])} ± {_g(r['std'], 2)} (± {_g(r['se'], 2)})"
+
+
 def compare_markdown(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
                      power: str = "") -> str:
     """Per target: the arms' mean ± std (± s.e.) and rank per metric; each arm's shift from
@@ -365,8 +375,7 @@ def compare_markdown(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
             by = {m: rows[rows["metric"] == m].iloc[0] for m in metrics}
             name = f"{arm} (baseline)" if arm == baseline else arm
             values.append(f"| {name} | " + " | ".join(
-                f"{_g(r['mean'])} ± {_g(r['std'], 2)} (± {_g(r['se'], 2)}) #{int(r['rank'])}"
-                for r in by.values()) + " |")
+                f"{summary(r)} #{int(r['rank'])}" for r in by.values()) + " |")
             if arm != baseline:
                 effects.append(f"| {arm} | " + " | ".join(
                     f"{_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "

@@ -355,3 +355,18 @@ def test_every_mlflow_run_of_a_comparison_ends(tmp_path, mlflow_server):
     for run in arms:
         values = table.loc[table["arm"] == run.data.tags["arm"], "w1"]
         assert run.data.metrics["heldout.w1"] == pytest.approx(values.mean())
+
+
+def test_infinite_values_are_counted_and_shown_with_the_median():
+    from ganbench.compare import compare_stats
+    from ganbench.report import summary
+
+    runs = pd.DataFrame({"target": "ring", "arm": ["base"] * 3 + ["x"] * 3, "seed": range(6),
+                         "kl": [0.1, 0.2, 0.3, 1.5, math.inf, 2.0]})
+    table = compare_stats(runs, "base").set_index("arm")
+    assert table.loc["x", "n_inf"] == 1 and table.loc["x", "median"] == 2.0
+    assert summary(table.loc["x"]) == "inf in 1/3 seeds, median 2"
+    assert summary(table.loc["base"], se_only=True) == "0.2 ± 0.058"
+    # The test still ranks it: inf is the largest value, the worst kl.
+    assert table.loc["x", "p_value"] == pytest.approx(permutation_p([1.5, math.inf, 2.0],
+                                                                    [0.1, 0.2, 0.3]))
