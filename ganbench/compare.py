@@ -340,7 +340,7 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     from scipy import stats
 
     values = np.asarray(values, dtype=float)
-    if len(values) < 2 or np.ptp(values) == 0 or not np.isfinite(values).all():
+    if len(values) < 2 or not np.isfinite(values).all() or np.ptp(values) == 0:
         mean = float(values.mean())
         return mean, mean
     for method in ("BCa", "percentile"):
