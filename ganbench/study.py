@@ -105,7 +105,10 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
             raise NoStudy(f"no study found: {path} does not exist (run `ganbench sweep` "
                           "first)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        # An absolute path: Optuna's lock is a symlink to the journal, and a relative target
+        # dangles from inside runs/<name>/, so a lock left by a killed worker was never seen
+        # as stale (its grace period reads the target's mtime) and the next run spun forever.
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path.resolve())))
     url = spec.storage
     if url.startswith("sqlite:///") and not create and not Path(url[10:]).exists():
         raise NoStudy(f"no study found: {url[10:]} does not exist")

@@ -190,3 +190,28 @@ def test_tracking_outage_does_not_stop_training(tmp_path):
                             timeout=300)
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "reports/outage/leaderboard.csv").exists()
+
+
+def test_a_journal_lock_left_by_a_killed_worker_is_released(tmp_path):
+    """A process killed while it holds the journal's lock leaves the lock behind; the next
+    sweep waits out Optuna's grace period (30 s), then takes it and finishes."""
+    spec = write_spec(tmp_path, name="locked", trials=1)
+    dies_holding_the_lock = (
+        "import os, signal, sys\n"
+        "real = os.symlink\n"
+        "def symlink(src, dst, *args, **kwargs):\n"
+        "    real(src, dst, *args, **kwargs)\n"
+        "    if str(dst).endswith('.lock'):\n"  # Optuna's journal lock is this symlink
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.symlink = symlink\n"
+        "from ganbench.cli import main\n"
+        f"main(['sweep', {str(spec)!r}])\n")
+    killed = subprocess.run([sys.executable, "-c", dies_holding_the_lock], cwd=tmp_path,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((tmp_path / "runs/locked").glob("*.lock"))
+    again = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec)],
+                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=150)
+    assert again.returncode == 0, again.stderr
+    assert_complete_study(journal_study(tmp_path, "locked"), 1)
