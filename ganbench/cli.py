@@ -316,7 +316,7 @@ def _compare_status(spec) -> None:
     from ganbench.compare import progress
 
     table = Table(title=f"comparison {spec.name}: {spec.mode}, budget "
-                        f"{spec.tuning_budget.label()} per arm")
+                        f"{spec.budget.label()} per arm")
     for col in ("target", "arm", "tuning", "held-out seeds"):
         table.add_column(col, justify="left" if col in ("target", "arm") else "right")
     for p in progress(spec):

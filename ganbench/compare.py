@@ -56,6 +56,7 @@ class ArmResult:
     seeds: dict[int, dict[str, Any]]   # held-out seed → metrics (+ status, "samples")
     status: str = "tuned"              # tuned | fixed | untuned (N failed/pruned)
     compute: dict[str, float] = field(default_factory=dict)  # what the arm used
+    reference: Any = None              # the study's stored evaluation points and centres
 
 
 # ---------------------------------------------------------------- running the arms
@@ -167,10 +168,15 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
     return results
 
 
-def _tuning_progress(spec: CompareSpec, study) -> str:
-    budget = spec.tuning_budget
-    spent = compute_spent(study.get_trials(deepcopy=False), budget.unit)
-    return f"{spent:g}/{budget.amount:g} {budget.unit.replace('_', ' ')}"
+def _tuning_progress(spec: CompareSpec, trials: Sequence[Any]) -> str:
+    """How much of the arm's tuning budget its counted ``trials`` used, e.g. "2/3 trials"."""
+    spent = compute_spent(trials, spec.budget.unit)
+    return f"{spent:g}/{spec.budget.amount:g} {spec.budget.unit.replace('_', ' ')}"
+
+
+def tuning_done(study_spec: StudySpec, trials: Sequence[Any]) -> bool:
+    """Has an arm's tuning used its budget (its trials, or the compute they may spend)?"""
+    return count_trials(trials)[0] >= study_spec.trials or budget_spent(study_spec, trials)
 
 
 def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[str], pool,
@@ -179,11 +185,11 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
     study = open_study(study_spec)
     if spec.mode == "tune":
         recover_dead_workers(study, tracker.end_lost if tracker else None)
-        if on_step:
-            on_step(f"{target.name} · {arm}: tuning ({_tuning_progress(spec, study)} done)")
         trials = study.get_trials(deepcopy=False)
-        done, _ = count_trials(trials)
-        if done < study_spec.trials and not budget_spent(study_spec, trials):
+        if on_step:
+            on_step(f"{target.name} · {arm}: tuning ({_tuning_progress(spec, trials)} done)")
+        if not tuning_done(study_spec, trials):
+            done, _ = count_trials(trials)
             jobs = workers.worker_jobs(study_spec, devices[:study_spec.trials - done],
                                        study_spec.trials, None,
                                        tracker.handle if tracker else None)
@@ -194,7 +200,7 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
             on_step(f"{target.name} · {arm}: {status}: no held-out runs")
         if tracker:
             tracker.end("FAILED", tags={"status": status})
-        return ArmResult(target.name, arm, {}, {}, status, _compute(study, {}))
+        return _arm_result(target, arm, study, {}, {}, status)
     done_seeds = _stored_seeds(study, key)
     todo = [s for s in seeds if s not in done_seeds]
     if on_step:
@@ -220,7 +226,13 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
         means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
                  for m in METRICS if all(m in r for r in chosen.values())}
         tracker.end("FINISHED", means, {"status": status})
-    return ArmResult(target.name, arm, params, chosen, status, _compute(study, chosen))
+    return _arm_result(target, arm, study, params, chosen, status)
+
+
+def _arm_result(target: TargetSpec, arm: str, study, params: dict[str, Any],
+                seeds: dict[int, dict[str, Any]], status: str) -> ArmResult:
+    return ArmResult(target.name, arm, params, seeds, status, _compute(study, seeds),
+                     study.user_attrs.get("reference"))
 
 
 def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str) -> tuple[StudySpec, Any]:
@@ -245,7 +257,7 @@ def stored_arms(spec: CompareSpec) -> list[ArmResult]:
                                     "has not run; run `ganbench compare` first")
             status, params, key = _arm_state(spec, study_spec, study)
             if params is None:
-                results.append(ArmResult(target.name, arm, {}, {}, status, _compute(study, {})))
+                results.append(_arm_result(target, arm, study, {}, {}, status))
                 continue
             done = _stored_seeds(study, key)
             missing = [s for s in seeds if s not in done]
@@ -254,9 +266,8 @@ def stored_arms(spec: CompareSpec) -> list[ArmResult]:
                                     f"has {len(seeds) - len(missing)} of {len(seeds)} held-out "
                                     "seeds of its best configuration; run `ganbench compare` "
                                     "to finish it")
-            chosen = {s: done[s] for s in seeds}
-            results.append(ArmResult(target.name, arm, params, chosen, status,
-                                     _compute(study, chosen)))
+            results.append(_arm_result(target, arm, study, params,
+                                       {s: done[s] for s in seeds}, status))
     return results
 
 
@@ -479,10 +490,8 @@ def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
     import pandas as pd
 
     rows, samples, references, arms = [], {}, {}, []
-    targets = {t.name: t for t in spec.targets}
     for r in results:
-        study = open_study(spec.arm_study(targets[r.target], r.arm), create=False)
-        references[r.target] = study.user_attrs.get("reference")
+        references[r.target] = r.reference
         arms.append({"target": r.target, "arm": r.arm, "status": r.status} | r.compute |
                     {"params": json.dumps(r.params, sort_keys=True)})
         for seed, out in r.seeds.items():
@@ -568,20 +577,15 @@ def progress(spec: CompareSpec) -> list[ArmProgress]:
         for arm in spec.arms:
             study_spec, study = _open_arm(spec, target, arm)
             if study is None:
-                tuning = "fixed" if spec.mode == "fixed" else \
-                    f"0/{spec.tuning_budget.amount:g} {spec.tuning_budget.unit}"
+                tuning = "fixed" if spec.mode == "fixed" else _tuning_progress(spec, [])
                 out.append(ArmProgress(target.name, arm, tuning, 0, spec.eval_seeds))
                 continue
             status, params, key = _arm_state(spec, study_spec, study)
-            tuning = "fixed" if spec.mode == "fixed" else _tuning_progress(spec, study)
-            if params is None and spec.mode == "tune" and budget_done(spec, study_spec, study):
+            trials = study.get_trials(deepcopy=False)
+            tuning = "fixed" if spec.mode == "fixed" else _tuning_progress(spec, trials)
+            if params is None and spec.mode == "tune" and tuning_done(study_spec, trials):
                 tuning = status
             stored = set(_stored_seeds(study, key)) & set(heldout_seeds(spec)) if key else ()
             out.append(ArmProgress(target.name, arm, tuning, len(stored), spec.eval_seeds))
     return out
 
-
-def budget_done(spec: CompareSpec, study_spec: StudySpec, study) -> bool:
-    """Has the arm's tuning used its budget?"""
-    trials = study.get_trials(deepcopy=False)
-    return count_trials(trials)[0] >= study_spec.trials or budget_spent(study_spec, trials)

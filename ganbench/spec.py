@@ -470,7 +470,7 @@ class CompareSpec(BaseModel):
         search = {k: d for k, d in self.search.items()
                   if k not in fixed and not (k.startswith("tricks.")
                                               and k.split(".")[1] not in model.get("tricks", {}))}
-        budget = self.tuning_budget
+        budget = self.budget
         trials, compute = budget.trials or COMPUTE_TRIALS_CAP, (
             None if budget.unit == "trials" else budget)
         if self.mode == "fixed":
@@ -491,10 +491,6 @@ class CompareSpec(BaseModel):
         if not isinstance(value, (dict, Budget)):
             raise ValueError(BUDGET_FORMS)
         return value
-
-    @property
-    def tuning_budget(self) -> Budget:
-        return self.budget
 
 
 def load_compare(path: str | Path, overrides: list[str] | None = None) -> CompareSpec:

@@ -78,6 +78,11 @@ def run_dir(spec: StudySpec) -> Path:
     return Path("runs") / spec.name
 
 
+def journal_path(spec: StudySpec) -> Path:
+    """The default storage: a journal file in the study's run folder."""
+    return run_dir(spec) / "optuna.log"
+
+
 def _sqlalchemy_url(url: str) -> str:
     # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
     if url.startswith("postgresql://"):
@@ -100,7 +105,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
     if spec.storage is None:
         from optuna.storages.journal import JournalFileBackend
 
-        path = run_dir(spec) / "optuna.log"
+        path = journal_path(spec)
         if not create and not path.exists():
             raise NoStudy(f"no study found: {path} does not exist (run `ganbench sweep` "
                           "first)")
@@ -127,7 +132,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
 
 def storage_label(spec: StudySpec) -> str:
     """Where the study is stored, for display and tags."""
-    return spec.storage or str(run_dir(spec) / "optuna.log")
+    return spec.storage or str(journal_path(spec))
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None,

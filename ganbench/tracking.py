@@ -170,16 +170,17 @@ class Tracker:
             complete = [t for t in study.get_trials(deepcopy=False)
                         if t.state.name == "COMPLETE"]
             metrics: dict[str, float] = {"trials_complete": float(len(complete))}
+            tags = {}
             if complete and len(study.directions) == 1:
                 best = study.best_trial
                 metrics |= {f"best.{k}": float(v) for k, v in
                             best.user_attrs.get("metrics", {}).items()}
-                self.client.set_tag(self.handle.parent_run_id, "best_trial", str(best.number))
-            _log_batch(self.client, self.handle.parent_run_id, metrics=metrics)
-            self.client.set_terminated(self.handle.parent_run_id, "FINISHED")
+                tags["best_trial"] = str(best.number)
         except Exception as exc:  # never lose a sweep's results over logging
             print(f"warning: tracking: could not finish the study run: {_one_line(exc)}",
                   file=sys.stderr)
+            return
+        self.end("FINISHED", metrics, tags)
 
     def end(self, status: str = "FINISHED", metrics: dict[str, float] | None = None,
             tags: dict[str, str] | None = None) -> None:
