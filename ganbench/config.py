@@ -15,13 +15,18 @@ from ganbench.errors import GanbenchError, lookup
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 DTYPES = ("float32", "float64")
+G_NORMS = ("none", "batch")                          # generator normalisation
+UPDATES = ("alternating", "simultaneous")            # order of the D and G updates
+LR_SCHEDULES = ("constant", "linear", "cosine")      # decay of both learning rates
 
 # Which TrainConfig fields live in which YAML section (one name per knob everywhere: the
 # study file, MLflow params ``train.lr_g`` / ``model.hidden``, report columns).
 TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "eval_samples", "eval_seed", "optimizer",
-                "lr_g", "lr_d", "beta1", "beta2", "momentum", "d_steps", "device", "dtype")
+                "lr_g", "lr_d", "beta1", "beta2", "momentum", "d_steps", "update",
+                "lr_schedule", "lr_floor", "warmup", "device", "dtype")
 MODEL_FIELDS = ("loss", "noise_dim", "hidden", "depth", "g_hidden", "d_hidden", "activation",
-                "spectral_norm", "g_spectral_norm", "pack", "tricks")
+                "g_norm", "pieces", "init_std", "spectral_norm", "g_spectral_norm", "pack",
+                "tricks")
 
 
 @dataclass
@@ -38,6 +43,9 @@ class TrainConfig:
     g_hidden: int | list[int] | None = None   # overrides `hidden` for G
     d_hidden: int | list[int] | None = None   # overrides `hidden` for D
     activation: str = "relu"                  # hidden activation of both networks
+    g_norm: str = "none"                      # none | batch (G: Linear → BatchNorm → act)
+    pieces: int = 1                           # maxout pieces per D hidden unit (1: activation)
+    init_std: float | None = None             # weights N(0, init_std), biases 0; None: torch's
     spectral_norm: bool = False               # spectral norm on every layer of D
     g_spectral_norm: bool = False             # spectral norm on every layer of G
     pack: int = 1                             # PacGAN packing: samples per D input
@@ -48,12 +56,19 @@ class TrainConfig:
     beta2: float = 0.999                      # Adam β2
     momentum: float = 0.9                     # SGD momentum
     d_steps: int = 1                          # D steps per G step
+    update: str = "alternating"               # alternating | simultaneous (last D step and
+                                              # the G step from one batch, one set of weights)
+    lr_schedule: str = "constant"             # constant | linear | cosine decay of both lrs
+    lr_floor: float = 0.0                     # final lr as a fraction of the initial one
+    warmup: int = 0                           # G steps of linear warmup from 0
     batch_size: int = 256                     # samples per step (for G and for D)
     steps: int = 2000                         # generator steps
     eval_every: int = 250                     # generator steps between evaluations
     eval_samples: int = 2500                  # PacGAN protocol: 2500 samples per evaluation
     eval_seed: int = 1234                     # fixes the evaluation sample across trials
     seed: int = 0                             # model init, data and noise
+    pool: int | None = None                   # a fixed training set of this many target
+                                              # points, drawn once from the seed (None: fresh)
     device: str = "auto"                      # auto | cpu | cuda | cuda:N
     dtype: str = "float32"                    # float32 | float64
     tricks: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"gp": {"weight": 10}}
@@ -76,8 +91,11 @@ class TrainConfig:
         lookup(ACTIVATIONS, self.activation, "activation")
         lookup({o: o for o in OPTIMIZERS}, self.optimizer, "optimizer")
         lookup({d: d for d in DTYPES}, self.dtype, "dtype")
+        for name, choices in (("g_norm", G_NORMS), ("update", UPDATES),
+                              ("lr_schedule", LR_SCHEDULES)):
+            lookup({c: c for c in choices}, getattr(self, name), name)
         for name in ("noise_dim", "depth", "pack", "d_steps", "batch_size", "steps",
-                     "eval_every", "eval_samples"):
+                     "eval_every", "eval_samples", "pieces"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise GanbenchError(f"{name} must be a positive integer, got {value!r}", name)
@@ -89,6 +107,20 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise GanbenchError(f"{name} must be in [0, 1), got {getattr(self, name)!r}",
                                     name)
+        if self.init_std is not None and not (isinstance(self.init_std, (int, float))
+                                              and 0 < self.init_std < math.inf):
+            raise GanbenchError(f"init_std must be a positive number or null, got "
+                                f"{self.init_std!r}", "init_std")
+        if not 0 <= self.lr_floor <= 1:
+            raise GanbenchError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}", "lr_floor")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) \
+                or not 0 <= self.warmup < self.steps:
+            raise GanbenchError(f"warmup must be an integer in [0, steps), got "
+                                f"{self.warmup!r}", "warmup")
+        if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(
+                self.pool, int) or self.pool < self.batch_size):
+            raise GanbenchError(f"pool must be an integer >= batch_size ({self.batch_size}), "
+                                f"got {self.pool!r}", "pool")
         for which in ("g", "d"):
             if any(w <= 0 for w in self.widths(which)):
                 raise GanbenchError(f"hidden widths must be positive, got {self.widths(which)}",
@@ -96,12 +128,25 @@ class TrainConfig:
         if self.batch_size % self.pack:
             raise GanbenchError(f"batch_size ({self.batch_size}) must be divisible by pack "
                                 f"({self.pack})", "pack")
-        if self.eval_samples % self.pack:
-            raise GanbenchError(f"eval_samples ({self.eval_samples}) must be divisible by pack",
-                                "pack")
         resolve_device(self.device)
         validate_tricks(self.tricks, self.loss)
+        if self.update == "simultaneous" and "unrolled" in self.tricks:
+            raise GanbenchError("update: simultaneous steps G against the D of the same "
+                                "step; tricks.unrolled looks ahead of it: choose one", "update")
         return self
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier at generator step ``step`` (1-based; the D steps of
+        that step share it): linear warmup from 0 over ``warmup`` steps, then constant, or
+        a linear or cosine decay reaching ``lr_floor`` at the last step."""
+        if step <= self.warmup:
+            return step / self.warmup
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        decay = 1 - progress if self.lr_schedule == "linear" else \
+            0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr_floor + (1 - self.lr_floor) * decay
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,8 +41,8 @@ from ganbench.config import TrainConfig
 from ganbench.devices import resolve_device
 from ganbench.errors import GanbenchError
 from ganbench.losses import get_loss
-from ganbench.models import ACTIVATIONS
-from ganbench.targets import Target, get_target
+from ganbench.models import ACTIVATIONS, BN_EPS, BN_MOMENTUM
+from ganbench.targets import Pool, Target, get_target, training_data
 from ganbench.train import (
     DTYPES,
     STEP_REPORT_EVERY,
@@ -105,6 +105,7 @@ class _Member:
     config: TrainConfig           # as given (the result's config)
     built: TrainConfig            # after the tricks' configure (spectral norm, packing)
     target: Target
+    data: Target | Pool           # where real batches come from (the target or a fixed pool)
     rng: torch.Generator
     reference: torch.Tensor       # fixed evaluation sample of the target (float64, CPU)
     z_eval: torch.Tensor          # fixed evaluation noise (device, dtype)
@@ -130,11 +131,22 @@ def bucket_key(config: TrainConfig) -> tuple:
     # (exact: see _Bucket), which lets a sweep over noise_dim still batch.
     return (str(resolve_device(c.device)), c.dtype, c.target, repr(sorted(c.target_params.items())),
             c.loss, c.activation, tuple(c.widths("g")), tuple(c.widths("d")),
-            c.batch_size, c.pack, c.spectral_norm, c.g_spectral_norm, tuple(sorted(c.tricks)))
+            c.batch_size, c.eval_samples, c.pack, c.spectral_norm, c.g_spectral_norm,
+            c.g_norm, c.pieces, c.update, tuple(sorted(c.tricks)))
 
 
-def _linears(module: nn.Module) -> list[nn.Linear]:
-    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+def _layers(module: nn.Module) -> list[tuple[nn.Linear, nn.BatchNorm1d | None]]:
+    """Each linear layer with the batch norm that follows it (None where none does)."""
+    out: list[tuple[nn.Linear, nn.BatchNorm1d | None]] = []
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            out.append((m, None))
+        elif isinstance(m, nn.BatchNorm1d):
+            out[-1] = (out[-1][0], m)
+    return out
+
+
+TRAINED = ("w", "b", "a")  # stacked tensors that are trained: weight, bias, batch-norm scale
 
 
 class _Bucket:
@@ -142,7 +154,9 @@ class _Bucket:
 
     ``self.T`` maps names to stacked tensors: ``g.w.i`` ([K, in, out], the transposed
     weight of layer i), ``g.b.i`` ([K, 1, out]), ``g.u.i``/``g.v.i`` (spectral-norm power
-    iteration vectors), the same for ``d``, Adam moments ``m.g.w.i``/``s.g.w.i``, EMA
+    iteration vectors), with generator batch norm ``g.a.i``/``g.b.i`` (its scale and shift;
+    the linear layer has no bias) and ``g.rm.i``/``g.rv.i`` (running statistics), the same
+    for ``d``, Adam moments ``m.g.w.i``/``s.g.w.i``, EMA
     weights ``ema.*`` and running loss sums. Removing or selecting members indexes every
     tensor the same way.
     """
@@ -158,6 +172,10 @@ class _Bucket:
                                                  ("relu", "leaky_relu") else {}))
         self.layers = {"g": len(c.widths("g")) + 1, "d": len(c.widths("d")) + 1}
         self.sn = {"g": c.g_spectral_norm, "d": c.spectral_norm, "ema": c.g_spectral_norm}
+        self.bn = {"g": c.g_norm == "batch", "d": False, "ema": c.g_norm == "batch"}
+        self.pieces = {"g": 1, "d": c.pieces, "ema": 1}
+        self.simultaneous = c.update == "simultaneous"
+        self.step = 0  # the generator step being taken (learning-rate schedules)
         self.tricks = set(c.tricks)
         self.shared = streams == "shared" or (streams == "auto" and self.device.type == "cuda")
         if self.shared:
@@ -174,7 +192,7 @@ class _Bucket:
             g, d = build_models(m.built, m.target)
             for net, module in (("g", g.to(self.device, self.dtype)),
                                 ("d", d.to(self.device, self.dtype))):
-                for i, lin in enumerate(_linears(module)):
+                for i, (lin, bn) in enumerate(_layers(module)):
                     if self.sn[net]:
                         p = lin.parametrizations.weight
                         per.setdefault(f"{net}.w.{i}", []).append(p.original.detach().t())
@@ -182,7 +200,12 @@ class _Bucket:
                         per.setdefault(f"{net}.v.{i}", []).append(p[0]._v.detach())
                     else:
                         per.setdefault(f"{net}.w.{i}", []).append(lin.weight.detach().t())
-                    per.setdefault(f"{net}.b.{i}", []).append(lin.bias.detach()[None])
+                    if bn is None:
+                        per.setdefault(f"{net}.b.{i}", []).append(lin.bias.detach()[None])
+                        continue
+                    for kind, t in (("a", bn.weight), ("b", bn.bias), ("rm", bn.running_mean),
+                                    ("rv", bn.running_var)):
+                        per.setdefault(f"{net}.{kind}.{i}", []).append(t.detach()[None])
         for key in ("g.w.0", "g.v.0"):
             if key in per:
                 per[key] = [F.pad(t, (0, 0, 0, self.nz - t.shape[0]) if t.dim() == 2 else
@@ -190,7 +213,7 @@ class _Bucket:
         for key, tensors in per.items():
             self.T[key] = torch.stack(tensors).contiguous()
         for key in list(self.T):
-            if key.split(".")[1] in "wb":
+            if key.split(".")[1] in TRAINED:
                 self.T[key].requires_grad_(True)
                 self.T["m." + key] = torch.zeros_like(self.T[key], requires_grad=False)
                 self.T["s." + key] = torch.zeros_like(self.T[key], requires_grad=False)
@@ -211,21 +234,26 @@ class _Bucket:
         return torch.tensor(values, device=self.device, dtype=self.dtype).view(-1, 1, 1)
 
     def keys(self, net: str) -> list[str]:
-        """Names of ``net``'s trained tensors (weight and bias of each layer)."""
-        return [f"{net}.{kind}.{i}" for i in range(self.layers[net]) for kind in "wb"]
+        """Names of ``net``'s trained tensors (weight, bias and batch-norm scale per layer)."""
+        return [key for i in range(self.layers[net]) for kind in TRAINED
+                if (key := f"{net}.{kind}.{i}") in self.T]
 
     def params(self, T: dict[str, torch.Tensor], net: str) -> list[torch.Tensor]:
         return [T[key] for key in self.keys(net)]
 
     # ------------------------------------------------------------ networks
-    def _weight(self, T: dict[str, torch.Tensor], net: str, i: int) -> torch.Tensor:
-        """Layer i's weight; with spectral norm, one power iteration per call (as
-        ``torch.nn.utils.parametrizations.spectral_norm`` does in training mode)."""
+    def _weight(self, T: dict[str, torch.Tensor], net: str, i: int,
+                training: bool = True) -> torch.Tensor:
+        """Layer i's weight; with spectral norm, one power iteration per call in training
+        (as ``torch.nn.utils.parametrizations.spectral_norm`` does), none in evaluation."""
         w = T[f"{net}.w.{i}"]
         if not self.sn[net]:
             return w
         u, v = T[f"{net}.u.{i}"], T[f"{net}.v.{i}"]
         with torch.no_grad():
+            if not training:
+                sigma = (u * torch.bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
+                return w / sigma.view(-1, 1, 1)
             wd = w.detach()
             u.copy_(F.normalize(torch.bmm(v.unsqueeze(1), wd).squeeze(1), dim=-1, eps=1e-12))
             v.copy_(F.normalize(torch.bmm(wd, u.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-12))
@@ -233,16 +261,37 @@ class _Bucket:
         sigma = (u * torch.bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
         return w / sigma.view(-1, 1, 1)
 
-    def mlp(self, T: dict[str, torch.Tensor], net: str, x: torch.Tensor) -> torch.Tensor:
-        """K MLPs at once: x [K, n, in] → [K, n, out]."""
+    def mlp(self, T: dict[str, torch.Tensor], net: str, x: torch.Tensor,
+            training: bool = True) -> torch.Tensor:
+        """K MLPs at once: x [K, n, in] → [K, n, out]. ``training``: batch norm normalises
+        with the batch's statistics and updates its running ones (as nn.BatchNorm1d)."""
         n = self.layers["g" if net == "ema" else net]
         for i in range(n):
             # bmm then an in-place bias add is faster on CPU than baddbmm; the activation
             # runs in place on the fresh product (autograd saves its output, not its input).
-            x = torch.bmm(x, self._weight(T, net, i)).add_(T[f"{net}.b.{i}"])
-            if i < n - 1:
-                x = self.act(x)
+            x = torch.bmm(x, self._weight(T, net, i, training))
+            hidden = i < n - 1
+            x = self.batch_norm(T, net, i, x, training) if hidden and self.bn[net] else \
+                x.add_(T[f"{net}.b.{i}"])
+            if hidden:
+                x = x.unflatten(-1, (-1, self.pieces[net])).amax(-1) if self.pieces[net] > 1 \
+                    else self.act(x)
         return x
+
+    @staticmethod
+    def batch_norm(T: dict[str, torch.Tensor], net: str, i: int, x: torch.Tensor,
+                   training: bool) -> torch.Tensor:
+        """nn.BatchNorm1d over each member's batch: x [K, n, h]."""
+        rm, rv = T[f"{net}.rm.{i}"], T[f"{net}.rv.{i}"]
+        if training:
+            mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+            with torch.no_grad():  # running variance is unbiased, as torch keeps it
+                rm.mul_(1 - BN_MOMENTUM).add_(mean.detach(), alpha=BN_MOMENTUM)
+                rv.mul_(1 - BN_MOMENTUM).add_(var.detach() * (x.shape[1] / (x.shape[1] - 1)),
+                                              alpha=BN_MOMENTUM)
+        else:
+            mean, var = rm, rv
+        return (x - mean) * torch.rsqrt(var + BN_EPS) * T[f"{net}.a.{i}"] + T[f"{net}.b.{i}"]
 
     def disc(self, T: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """D's logits: [K, n, dim] → [K, n / pack] (packed inputs, as Discriminator)."""
@@ -263,8 +312,12 @@ class _Bucket:
         kw = {"device": self.device, "dtype": self.dtype}
         if self.shared:
             k = len(members)
-            real = members[0].target.sample(k * B, self.rng).to(self.dtype).view(k, B, -1) \
-                if d_step else None
+            if not d_step:
+                real = None
+            elif any(m.data is not m.target for m in members):  # fixed pools: one per member
+                real = torch.stack([m.data.sample(B, self.rng) for m in members]).to(self.dtype)
+            else:
+                real = members[0].target.sample(k * B, self.rng).to(self.dtype).view(k, B, -1)
             z = torch.randn(k, B, self.nz, generator=self.rng, **kw)
             if any(m.config.noise_dim < self.nz for m in members):
                 z = z * (torch.arange(self.nz, device=self.device)
@@ -275,7 +328,7 @@ class _Bucket:
         reals, zs, epss = [], [], []
         for m in members:
             if d_step:
-                reals.append(m.target.sample(B, m.rng).to(self.dtype))
+                reals.append(m.data.sample(B, m.rng).to(self.dtype))
             zs.append(self.pad(torch.randn(B, m.config.noise_dim, generator=m.rng, **kw)))
             if gp:
                 epss.append(torch.rand(B, 1, generator=m.rng, **kw))
@@ -292,7 +345,8 @@ class _Bucket:
         """One Adam step of ``net`` for ``members`` — torch.optim.Adam's arithmetic, with
         per-member learning rates, betas and step counts."""
         counts = [m.g_count if net == "g" else m.d_count for m in members]
-        lr = [m.config.lr_g if net == "g" else m.config.lr_d for m in members]
+        lr = [(m.config.lr_g if net == "g" else m.config.lr_d) * m.config.lr_factor(self.step)
+              for m in members]
         b1 = [m.config.beta1 for m in members]
         b2 = [m.config.beta2 for m in members]
         step_size = self.member_scalar([-(r / (1 - b ** t)) for r, b, t in zip(lr, b1, counts)])
@@ -330,6 +384,13 @@ class _Bucket:
         real, z, eps = self.draw(members, d_step=True)
         with torch.no_grad():
             fake = self.mlp(T, "g", z)
+        loss = self.d_loss(T, members, real, fake, eps)
+        self.d_update(T, members, list(torch.autograd.grad(loss.sum(), self.params(T, "d"))))
+        return loss.detach()
+
+    def d_loss(self, T: dict[str, torch.Tensor], members: list[_Member], real: torch.Tensor,
+               fake: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        """Each member's D loss on a real and a (detached) generated batch [k]."""
         if self.sn["d"]:  # one power iteration per D call, as train calls D twice
             d_real, d_fake = self.disc(T, real), self.disc(T, fake)
         else:
@@ -352,8 +413,11 @@ class _Bucket:
                 grad = self.input_grad(T, x)
                 gamma = self.member_vector([m.trick(name, "gamma") for m in members])
                 loss = loss + 0.5 * gamma * grad.pow(2).sum(-1).mean(-1)
-        params = self.params(T, "d")
-        grads = list(torch.autograd.grad(loss.sum(), params))
+        return loss
+
+    def d_update(self, T: dict[str, torch.Tensor], members: list[_Member],
+                 grads: list[torch.Tensor]) -> None:
+        """Apply D's gradients: clipping, Adam, weight clipping."""
         if "gradclip" in self.tricks:
             self.clip_grads(grads, members)
         for m in members:
@@ -362,17 +426,35 @@ class _Bucket:
         if "clip" in self.tricks:
             c = self.member_scalar([m.trick("clip", "c") for m in members])
             with torch.no_grad():
-                for p in params:
+                for p in self.params(T, "d"):
                     p.copy_(torch.clamp(p, -c, c) if isinstance(c, float) else
                             torch.minimum(torch.maximum(p, -c), c))
-        return loss.detach()
 
     def g_step(self) -> torch.Tensor:
         """One generator update of every member; returns each member's G loss [K]."""
         T, members = self.T, self.members
         _, z, _ = self.draw(members, d_step=False)
         loss = self.g_loss_fn(self.disc(T, self.mlp(T, "g", z)))
-        grads = list(torch.autograd.grad(loss.sum(), self.params(T, "g")))
+        self.g_update(list(torch.autograd.grad(loss.sum(), self.params(T, "g"))))
+        return loss.detach()
+
+    def joint_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Simultaneous updates of every member: D and G from one batch and the same
+        weights; returns each member's D and G losses ([K] each)."""
+        T, members = self.T, self.members
+        real, z, eps = self.draw(members, d_step=True)
+        fake = self.mlp(T, "g", z)
+        d_loss = self.d_loss(T, members, real, fake.detach(), eps)
+        d_grads = list(torch.autograd.grad(d_loss.sum(), self.params(T, "d")))
+        g_loss = self.g_loss_fn(self.disc(T, fake))
+        g_grads = list(torch.autograd.grad(g_loss.sum(), self.params(T, "g")))
+        self.d_update(T, members, d_grads)
+        self.g_update(g_grads)
+        return d_loss.detach(), g_loss.detach()
+
+    def g_update(self, grads: list[torch.Tensor]) -> None:
+        """Apply G's gradients (every member): clipping, Adam, the EMA copy."""
+        T, members = self.T, self.members
         if "gradclip" in self.tricks:
             self.clip_grads(grads, members)
         for m in members:
@@ -381,10 +463,10 @@ class _Bucket:
         if "ema" in self.tricks:
             weight = self.member_scalar([1 - m.trick("ema", "decay") for m in members])
             with torch.no_grad():
-                for i in range(self.layers["g"]):
-                    for kind in "wb":
-                        self.T[f"ema.{kind}.{i}"].lerp_(self.T[f"g.{kind}.{i}"], weight)
-        return loss.detach()
+                for key in self.keys("g"):
+                    T["ema" + key[1:]].lerp_(T[key], weight)
+                for key in [k for k in T if k.startswith(("g.rm.", "g.rv."))]:
+                    T["ema" + key[1:]].copy_(T[key])  # batch-norm statistics, as EMA does
 
     def member_vector(self, values: Sequence[float]) -> torch.Tensor | float:
         """A per-member constant for [K]-shaped tensors (per-member losses): a Python number
@@ -428,6 +510,7 @@ def _member(index: int, config: TrainConfig) -> _Member:
     target = get_target(config.target, **config.target_params)
     reference, z_eval = eval_sample(config, target, device, dtype)
     return _Member(index=index, config=config, built=built, target=target,
+                   data=training_data(target, config.pool, config.seed),
                    rng=torch.Generator(device).manual_seed(config.seed),
                    reference=reference, z_eval=z_eval)
 
@@ -479,11 +562,14 @@ def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None
             seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds)
 
     step = 0
+    sim = int(b.simultaneous)
     while b.members:
         step += 1
-        # Discriminator: sub-step j updates the members whose d_steps exceed j.
-        for j in range(max(m.config.d_steps for m in b.members)):
-            active = [i for i, m in enumerate(b.members) if m.config.d_steps > j]
+        b.step = step
+        # Discriminator: sub-step j updates the members whose d_steps exceed j (with
+        # simultaneous updates, the last D step is taken together with G's).
+        for j in range(max(m.config.d_steps for m in b.members) - sim):
+            active = [i for i, m in enumerate(b.members) if m.config.d_steps - sim > j]
             if len(active) == len(b.members):
                 b.T["d_last"] = b.d_step(b.T, b.members)
             else:
@@ -493,7 +579,10 @@ def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None
                 b.write_back(idx, sub)
                 b.T["d_last"][idx] = loss
         # Generator: every member, one update.
-        g_loss = b.g_step()
+        if sim:
+            b.T["d_last"], g_loss = b.joint_step()
+        else:
+            g_loss = b.g_step()
         b.T["d_sum"] += b.T["d_last"]
         b.T["g_sum"] += g_loss
         for m in b.members:
@@ -528,7 +617,8 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
     finite = torch.stack([torch.isfinite(p.detach()).flatten(1).all(1)
                           for p in b.params(sub, "g") + b.params(sub, "d")], 1).all(1).tolist()
     with torch.no_grad():
-        samples = b.mlp(sub, net, torch.stack([b.pad(m.z_eval) for m in members]))
+        samples = b.mlp(sub, net, torch.stack([b.pad(m.z_eval) for m in members]),
+                        training=False)
     b.write_back(idx, {k: v for k, v in sub.items() if k.startswith(f"{net}.")})
     samples = samples.to("cpu", torch.float64)
     d_avg = (b.T["d_sum"][due] if idx is not None else b.T["d_sum"]).tolist()

@@ -138,10 +138,13 @@ class Objective(BaseModel):
 
 
 class TargetSpec(BaseModel):
-    """``name`` plus the target's own parameters (e.g. modes, radius, std)."""
+    """``name`` plus the target's own parameters (e.g. modes, radius, std), and ``pool``:
+    train on a fixed set of this many target points, drawn once from each run's seed
+    (PacGAN's protocol: 100000), instead of fresh points every batch."""
 
     model_config = _OPEN
     name: str
+    pool: int | None = Field(None, gt=0)
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -242,7 +245,8 @@ class StudySpec(BaseModel):
 
     def fixed(self) -> dict[str, Any]:
         """The fixed trainer fields: target, train and model sections."""
-        out = {"target": self.target.name, "target_params": self.target.params()}
+        out = {"target": self.target.name, "target_params": self.target.params(),
+               "pool": self.target.pool}
         for section in (self.train, self.model):
             out |= {k: v for k, v in section.model_dump().items() if v is not None}
         return out
@@ -391,7 +395,8 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
     try:
         spec.trial_config({}).validate()
     except GanbenchError as exc:
-        section = "train" if exc.field in TRAIN_FIELDS else "model"
+        section = "train" if exc.field in TRAIN_FIELDS else \
+            "target" if exc.field == "pool" else "model"
         raise SpecError(path, f"{section}.{exc.field}", str(exc)) from None
     except TypeError as exc:
         raise SpecError(path, "model", str(exc)) from None

@@ -41,6 +41,36 @@ class Target:
         return centers[idx] + self.std * noise
 
 
+class Pool:
+    """A fixed training set, as in PacGAN's protocol: ``size`` points of ``target`` drawn
+    once from the run's seed, then served in epochs — each epoch a fresh permutation from
+    the run's generator, consecutive batches of it, an incomplete last batch dropped."""
+
+    def __init__(self, target: Target, size: int, seed: int) -> None:
+        # Its own stream: the run's generator (seeded with ``seed``) draws noise and batches.
+        self.points = target.sample(size, torch.Generator().manual_seed(
+            (seed + 1) * 0x9E3779B1 % 2 ** 63))
+        self.order: torch.Tensor | None = None
+        self.cursor = 0
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The next ``n`` points of the current epoch (float32, on the generator's device)."""
+        if self.points.device != generator.device:
+            self.points = self.points.to(generator.device)
+        if self.order is None or self.cursor + n > len(self.points):
+            self.order = torch.randperm(len(self.points), generator=generator,
+                                        device=generator.device)
+            self.cursor = 0
+        idx = self.order[self.cursor:self.cursor + n]
+        self.cursor += n
+        return self.points[idx]
+
+
+def training_data(target: Target, pool: int | None, seed: int) -> Target | Pool:
+    """Where a run draws its real batches: ``target`` itself, or a fixed pool of it."""
+    return target if pool is None else Pool(target, pool, seed)
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise GanbenchError(f"target parameter {name} must be > 0, got {value}")

@@ -250,7 +250,8 @@ class TrialRun:
         config = spec.trial_config(params)
         self.config = config
         name = f"{spec.target.name}__{config.loss}__t{trial.number}"
-        dotted = flatten({"target": {"name": spec.target.name, **spec.target.params()}}) | \
+        dotted = flatten({"target": {"name": spec.target.name, "pool": spec.target.pool,
+                                     **spec.target.params()}}) | \
             _config_params(config) | {"seeds": spec.seeds}
 
         def start() -> None:

@@ -19,8 +19,8 @@ from ganbench.config import DTYPES as CONFIG_DTYPES
 from ganbench.config import TrainConfig
 from ganbench.devices import resolve_device
 from ganbench.losses import get_loss
-from ganbench.models import Discriminator, Generator
-from ganbench.targets import Target, get_target
+from ganbench.models import Discriminator, Generator, init_normal
+from ganbench.targets import Target, get_target, training_data
 from ganbench.tricks import build_tricks
 
 DTYPES = {name: getattr(torch, name) for name in CONFIG_DTYPES}  # name → torch dtype
@@ -54,9 +54,12 @@ def build_models(config: TrainConfig, target: Target) -> tuple[Generator, Discri
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         g = Generator(config.noise_dim, config.widths("g"), target.dim, config.activation,
-                      config.g_spectral_norm)
+                      config.g_spectral_norm, config.g_norm == "batch")
         d = Discriminator(target.dim, config.widths("d"), config.activation,
-                          config.spectral_norm, config.pack)
+                          config.spectral_norm, config.pack, config.pieces)
+        if config.init_std is not None:
+            init_normal(g, config.init_std)
+            init_normal(d, config.init_std)
     return g, d
 
 
@@ -110,6 +113,7 @@ def train(
     start = time.perf_counter()
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     target = get_target(config.target, **config.target_params)
+    data = training_data(target, config.pool, config.seed)
     loss = get_loss(config.loss)
     # Tricks may change how the models are built (spectral norm, packing): on a copy.
     tricks = build_tricks(config.tricks)
@@ -131,8 +135,10 @@ def train(
 
     def evaluate(exact: bool) -> tuple[dict[str, float], torch.Tensor]:
         g_eval = next((m for t in tricks if (m := t.eval_generator(g)) is not None), g)
+        g_eval.eval()  # batch norm: the running statistics, not the evaluation batch's
         with torch.no_grad():
             samples = g_eval(z_eval).to("cpu", torch.float64)
+        g_eval.train()
         proj_gen = torch.Generator().manual_seed(config.eval_seed)
         return M.evaluate(samples, reference, target.centers, target.std, target.weights,
                           exact=exact, generator=proj_gen), samples
@@ -144,41 +150,62 @@ def train(
     d_sum = g_sum = torch.zeros((), device=device, dtype=dtype)
     n_since = 0
     B = config.batch_size
+    simultaneous = config.update == "simultaneous"
+
+    def d_backward(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """D's loss on a real and a (detached) generated batch, its gradients set."""
+        for t in tricks:
+            real, fake = t.d_inputs(real, fake, step)
+        d_real, d_fake = d(real), d(fake)
+        d_loss = next((v for t in tricks if (v := t.d_loss(loss, d_real, d_fake))
+                       is not None), None)
+        d_loss = loss.d(d_real, d_fake) if d_loss is None else d_loss
+        for t in tricks:
+            penalty = t.d_penalty(d, real, fake)
+            if penalty is not None:
+                d_loss = d_loss + penalty
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        return d_loss
+
+    def apply(net: torch.nn.Module, opt: torch.optim.Optimizer, which: str) -> None:
+        for t in tricks:
+            t.before_step(list(net.parameters()))
+        opt.step()
+        for t in tricks:
+            (t.after_d_step if which == "d" else t.after_g_step)(net)
+
     for step in range(1, config.steps + 1):
-        # Discriminator: d_steps updates on fresh real and generated batches.
-        for _ in range(config.d_steps):
-            real = target.sample(B, rng).to(dtype)
+        factor = config.lr_factor(step)  # 1.0 unless a schedule or warmup is set
+        for opt, lr in ((opt_d, config.lr_d), (opt_g, config.lr_g)):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+        # Discriminator: d_steps updates on fresh real and generated batches (with
+        # simultaneous updates, the last one shares its batch and weights with G's update).
+        for _ in range(config.d_steps - simultaneous):
+            real = data.sample(B, rng).to(dtype)
             with torch.no_grad():
                 fake = g(noise(B))
-            for t in tricks:
-                real, fake = t.d_inputs(real, fake, step)
-            d_real, d_fake = d(real), d(fake)
-            d_loss = next((v for t in tricks if (v := t.d_loss(loss, d_real, d_fake))
-                           is not None), None)
-            d_loss = loss.d(d_real, d_fake) if d_loss is None else d_loss
-            for t in tricks:
-                penalty = t.d_penalty(d, real, fake)
-                if penalty is not None:
-                    d_loss = d_loss + penalty
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            for t in tricks:
-                t.before_step(list(d.parameters()))
-            opt_d.step()
-            for t in tricks:
-                t.after_d_step(d)
-        # Generator: one update through the current (or an unrolled) discriminator.
-        fake = g(noise(B))
-        logits = next((v for t in tricks if (v := t.g_logits(
-            d, fake, lambda: target.sample(B, rng).to(dtype), loss.d)) is not None), None)
-        g_loss = loss.g(d(fake) if logits is None else logits)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        for t in tricks:
-            t.before_step(list(g.parameters()))
-        opt_g.step()
-        for t in tricks:
-            t.after_g_step(g)
+            d_loss = d_backward(real, fake)
+            apply(d, opt_d, "d")
+        if simultaneous:
+            real = data.sample(B, rng).to(dtype)
+            fake = g(noise(B))
+            d_loss = d_backward(real, fake.detach())
+            g_loss = loss.g(d(fake))
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward(inputs=list(g.parameters()))
+            apply(d, opt_d, "d")
+            apply(g, opt_g, "g")
+        else:
+            # Generator: one update through the current (or an unrolled) discriminator.
+            fake = g(noise(B))
+            logits = next((v for t in tricks if (v := t.g_logits(
+                d, fake, lambda: data.sample(B, rng).to(dtype), loss.d)) is not None), None)
+            g_loss = loss.g(d(fake) if logits is None else logits)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            apply(g, opt_g, "g")
 
         # Divergence: a non-finite loss stops the run with the step it happened at.
         d_sum, g_sum, n_since = d_sum + d_loss.detach(), g_sum + g_loss.detach(), n_since + 1

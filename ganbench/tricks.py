@@ -210,7 +210,8 @@ class LabelSmoothing(Trick):
 
 class EMA(Trick):
     """Exponential moving average of G's weights (Yazıcı et al. 2019): after every G step
-    θ_ema ← β·θ_ema + (1−β)·θ; evaluations use the EMA copy."""
+    θ_ema ← β·θ_ema + (1−β)·θ; evaluations use the EMA copy, with G's batch-norm running
+    statistics copied in."""
 
     name = "ema"
     params = {"decay": Param(0.999, 0.0, 0.99999)}
@@ -224,6 +225,10 @@ class EMA(Trick):
         with torch.no_grad():
             for s, p in zip(self.shadow.parameters(), g.parameters()):
                 s.lerp_(p, 1 - self.decay)
+            for s, m in zip(self.shadow.modules(), g.modules()):
+                if isinstance(m, nn.BatchNorm1d):
+                    s.running_mean.copy_(m.running_mean)
+                    s.running_var.copy_(m.running_var)
 
     def eval_generator(self, g):
         return self.shadow
