@@ -7,7 +7,9 @@ For each scenario the same member configurations are trained
   (c) by the population engine, ``train_population()`` of K members, K = 1, 4, 16, 64
       (and 256 on a GPU).
 Scenarios: a same-shape population (G and D 2×128, noise 8, batch 256) with d_steps 1 and
-with d_steps 5, and a mixed population (hidden 32..512, noise 2..128, d_steps 1..5).
+with d_steps 5, a mixed population (hidden 32..512, noise 2..128, d_steps 1..5), and PacGAN's
+architecture and protocol (G 4×400 with batch norm, maxout D 3×200×5 pieces, N(0, 0.02)
+init, batch 100 from a fixed pool, simultaneous updates: studies/pacgan.yaml).
 Members differ in seed and learning rates, as a sweep's do.
 
 Each row gives aggregate generator iterations per second (all members' G steps over wall
@@ -63,10 +65,13 @@ def iteration_flops(c: TrainConfig) -> float:
     """Matmul FLOPs of one generator iteration (d_steps D steps + one G step)."""
     dims_g = [c.noise_dim, *c.widths("g"), 2]
     dims_d = [2 * c.pack, *c.widths("d"), 1]
+    outs_d = [w * c.pieces for w in c.widths("d")] + [1]  # maxout: pieces outputs per unit
     fg = 2 * c.batch_size * sum(a * b for a, b in zip(dims_g, dims_g[1:]))
-    fd = 2 * c.batch_size // c.pack * sum(a * b for a, b in zip(dims_d, dims_d[1:]))
+    fd = 2 * c.batch_size // c.pack * sum(a * b for a, b in zip(dims_d, outs_d))
     d_step = fg + 2 * fd + 4 * fd          # fake batch, D on real+fake, D backward
     g_step = fg + fd + fd + 2 * fg         # G and D forward, D input grads, G backward
+    if c.update == "simultaneous":  # the last D step reuses G's fake batch
+        return c.d_steps * d_step + g_step - fg
     return c.d_steps * d_step + g_step
 
 
@@ -78,7 +83,12 @@ def configs(kind: str, n: int, steps: int, device: str) -> list[TrainConfig]:
         lr = 10 ** rnd.uniform(-4, -2.5)
         common = dict(lr_g=lr, lr_d=lr * rnd.choice([1, 2, 4]), steps=steps,
                       eval_every=steps, eval_samples=500, seed=i, device=device)
-        if kind == "mixed":
+        if kind == "pacgan":
+            out.append(TrainConfig(target="grid", pool=100_000, batch_size=100, beta1=0.8,
+                                   update="simultaneous", g_hidden=[400] * 4,
+                                   d_hidden=[200] * 3, g_norm="batch", pieces=5,
+                                   init_std=0.02, **common))
+        elif kind == "mixed":
             out.append(TrainConfig(hidden=rnd.choice([32, 64, 128, 256, 512]),
                                    noise_dim=rnd.choice([2, 8, 32, 128]),
                                    d_steps=rnd.randint(1, 5), **common))
@@ -250,6 +260,9 @@ def main() -> None:
         # A mixed population's rate depends on its members: every mode trains the same ones.
         run_scenario("mixed", "mixed, H 32..512, noise 2..128, d_steps 1..5",
                      max(steps // 4, 10), [max(ks)], 0, device, pool, n_pool, peak)
+        run_scenario("pacgan", "PacGAN's architecture: G 4×400 batch norm, maxout D 3×200×5, "
+                     "batch 100", max(steps // 4, 10), [k for k in ks if k <= 16], 4, device,
+                     pool, n_pool, peak)
     # The shipped mog study's schedule (1500 steps, evaluated every 250).
     metrics_share(device, 250 if args.quick else 1500, 50 if args.quick else 250)
     k = 64 if 64 in ks else max(ks)

@@ -296,11 +296,12 @@ def status_cmd(
         _compare_status(spec)
         return
     from ganbench.recovery import count_trials
-    from ganbench.study import open_study
+    from ganbench.study import open_study, storage_label
 
     study = open_study(spec, create=False)
     trials = study.get_trials(deepcopy=False)
     done, _ = count_trials(trials)
+    console.print(f"storage: {storage_label(spec)}")
     table = Table(title=f"study {spec.name}: {done}/{spec.trials} counted trials")
     table.add_column("state")
     table.add_column("trials", justify="right")
@@ -315,8 +316,9 @@ def status_cmd(
 def _compare_status(spec) -> None:
     from ganbench.compare import progress
 
-    table = Table(title=f"comparison {spec.name}: {spec.mode}, budget "
-                        f"{spec.budget.label()} per arm")
+    table = Table(title=f"comparison {spec.name}: " + (
+        "fixed configurations" if spec.mode == "fixed" else
+        f"tune, budget {spec.budget.label()} per arm"))
     for col in ("target", "arm", "tuning", "held-out seeds"):
         table.add_column(col, justify="left" if col in ("target", "arm") else "right")
     for p in progress(spec):
@@ -378,8 +380,10 @@ def compare_cmd(
     device_list = default_devices(spec.workers, _devices(devices))
     n = len(spec.targets) * len(spec.arms)
     console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
-                  f"{len(spec.targets)} target(s) · {spec.mode}: budget {spec.budget.label()} "
-                  f"per arm · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
+                  f"{len(spec.targets)} target(s) · "
+                  + ("fixed configurations" if spec.mode == "fixed" else
+                     f"tune: budget {spec.budget.label()} per arm")
+                  + f" · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
     step = iter(range(1, 2 * n + 1))
     result = compare.run(spec, device_list,
                          lambda msg: console.print(f"[{next(step, '…')}] {msg}"))

@@ -26,7 +26,7 @@ from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
 from ganbench.recovery import compute_spent, count_trials, is_counted, recover_dead_workers
-from ganbench.spec import CompareSpec, StudySpec, TargetSpec
+from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
 from ganbench.study import get_storage, open_study
 from ganbench.sweep import budget_spent
 
@@ -537,7 +537,7 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
         check_reachable(resolve_uri(spec.tracking.uri))
     get_storage(first)  # an unreachable storage fails here, before any training
     if spec.tracking is not False:
-        root = Tracker.for_compare(spec, spec.model_dump(exclude_none=True, mode="json"))
+        root = Tracker.for_compare(spec, logged(spec))
 
     def tracker_for(target: str, arm: str):
         return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",

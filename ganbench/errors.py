@@ -2,6 +2,29 @@
 
 from __future__ import annotations
 
+import re
+
+# A URL in any text, up to whitespace or a quote; password-like query values in it.
+_URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"]+")
+_SECRET_QUERY = re.compile(r"(?i)\b(password|passwd|pwd|token|secret|api_key)=([^&\s'\"]*)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ***.
+
+    The credentials end at the *last* ``@`` of the URL, so an unencoded ``@`` inside a
+    password stays hidden; password-like query parameters (``?password=…``) are hidden too.
+    Every URL shown, logged or tagged goes through here.
+    """
+    def one(match: re.Match) -> str:
+        scheme, _, rest = match.group(0).partition("://")
+        cred, at, host = rest.rpartition("@")
+        url = f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if at and ":" in cred \
+            else match.group(0)
+        return _SECRET_QUERY.sub(r"\1=***", url)
+
+    return _URL.sub(one, text)
+
 
 class GanbenchError(Exception):
     """A user-facing error: bad input, a missing file, an unreachable service.
@@ -10,7 +33,7 @@ class GanbenchError(Exception):
     """
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))  # errors are printed: no URL leaves with a password
         self.field = field
 
 
@@ -20,7 +43,7 @@ class SpecError(GanbenchError):
     def __init__(self, path: str, field: str, message: str) -> None:
         where = f"{path}: {field}" if field else path
         super().__init__(f"{where}: {message}", field)
-        self.path, self.message = path, message
+        self.path, self.message = path, redact(message)
 
 
 class NoStudy(GanbenchError):

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from ganbench.config import MODEL_FIELDS, TRAIN_FIELDS, TrainConfig
-from ganbench.errors import GanbenchError, SpecError
+from ganbench.errors import GanbenchError, SpecError, redact
 from ganbench.metrics import METRICS
 
 SEARCHABLE = tuple(f for f in TRAIN_FIELDS + MODEL_FIELDS
@@ -417,7 +417,8 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
                                 "int or stepped float ranges, not a continuous range")
     if spec.storage is not None and not STORAGE_URL.match(spec.storage):
         raise SpecError(path, "storage", f"expected sqlite:///PATH or "
-                        f"postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, got {spec.storage!r}")
+                        f"postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, got "
+                        f"{redact(spec.storage)!r}")
 
 
 def _check_trick_key(key: str, path: str) -> None:
@@ -427,6 +428,16 @@ def _check_trick_key(key: str, path: str) -> None:
     if len(parts) != 3 or parts[1] not in TRICKS or parts[2] not in TRICKS[parts[1]].params:
         choices = ", ".join(f"tricks.{n}.{p}" for n, c in TRICKS.items() for p in c.params)
         raise SpecError(path, f"search.{key}", f"not a trick parameter; choose from: {choices}")
+
+
+def logged(spec: "StudySpec | CompareSpec") -> dict[str, Any]:
+    """The spec as it is logged and shown (MLflow params): URLs without their passwords."""
+    data = spec.model_dump(exclude_none=True, mode="json")
+    if "storage" in data:
+        data["storage"] = redact(data["storage"])
+    if isinstance(data.get("tracking"), dict) and "uri" in data["tracking"]:
+        data["tracking"]["uri"] = redact(data["tracking"]["uri"])
+    return data
 
 
 # ---------------------------------------------------------------- comparisons

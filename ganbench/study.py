@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import optuna
 
-from ganbench.errors import GanbenchError, NoStudy, SpecError
+from ganbench.errors import GanbenchError, NoStudy, SpecError, redact
 from ganbench.recovery import GRACE_PERIOD, HEARTBEAT_INTERVAL, retry_callback
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec
 
@@ -90,15 +90,6 @@ def _sqlalchemy_url(url: str) -> str:
     return url
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    head, sep, tail = url.partition("@")
-    if sep and ":" in head.split("//", 1)[-1]:
-        scheme, _, cred = head.partition("//")
-        return f"{scheme}//{cred.split(':')[0]}:***@{tail}"
-    return url
-
-
 def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseStorage:
     """None → journal file runs/<name>/optuna.log; sqlite:/// or postgresql:// → RDB storage
     with heartbeats and retries of trials whose worker died. Unreachable → GanbenchError."""
@@ -132,7 +123,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
 
 def storage_label(spec: StudySpec) -> str:
     """Where the study is stored, for display and tags."""
-    return spec.storage or str(journal_path(spec))
+    return redact(spec.storage) if spec.storage else str(journal_path(spec))
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None,

@@ -34,7 +34,7 @@ from ganbench.recovery import (
 )
 from ganbench.report import points
 from ganbench.spec import StudySpec
-from ganbench.study import open_study, run_dir
+from ganbench.study import open_study, quiet_warnings, run_dir
 from ganbench.train import TrainResult, train
 
 
@@ -269,7 +269,8 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int) -> optuna.Trial |
         done, running = count_trials(trials)
         if done + running >= total or budget_spent(spec, trials):
             return None
-        trial = study.ask()
+        with quiet_warnings():  # "heartbeat outside Study.optimize": ours beats (Heartbeat)
+            trial = study.ask()
     before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
     done, running = count_trials(before)
     if done + running >= total:

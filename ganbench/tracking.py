@@ -30,6 +30,9 @@ FLUSH_SECONDS = 30.0  # curves of a running trial reach MLflow at least this oft
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# MLflow prints "View run … at <tracking URL>" whenever a run ends: it breaks the progress
+# display, and would print the credentials of a tracking URL that carries them.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _client(uri: str):

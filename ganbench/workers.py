@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ganbench.errors import GanbenchError
 from ganbench.recovery import INTERRUPTED, count_trials, recover_dead_workers
-from ganbench.spec import StudySpec
+from ganbench.spec import StudySpec, logged
 from ganbench.study import open_study
 from ganbench.sweep import TrialOutcome, worker_loop
 
@@ -216,7 +216,7 @@ def open_tracked(spec: StudySpec) -> tuple[optuna.Study, Any]:
     if spec.tracking is not False:
         from ganbench.tracking import Tracker
 
-        tracker = Tracker.for_study(spec, spec.model_dump(exclude_none=True, mode="json"),
+        tracker = Tracker.for_study(spec, logged(spec),
                                     storage_label(spec))
     return study, tracker
 

@@ -22,7 +22,10 @@ def free_port() -> int:
 class Postgres:
     """initdb into a temp dir and pg_ctl on a free loopback port, as the postgres user."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        """``password``: TCP logins need it (scram-sha-256) as user ``ganbench``; otherwise
+        every login is trusted."""
+        self.password = password
         bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
                                 check=True).stdout.strip()
         self.bin = Path(bindir)
@@ -40,17 +43,31 @@ class Postgres:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
     def start(self) -> "Postgres":
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                  "--auth=trust", "-E", "UTF8")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256"] if self.password \
+            else ["--auth=trust"]
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", *auth,
+                  "-E", "UTF8")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"),
                   "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "-w",
                   "start")
-        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+        # Administration over the Unix socket (trusted), clients over TCP.
+        self._run(str(self.bin / "createdb"), "-h", str(self.dir), "-p", str(self.port),
                   "-U", "postgres", "ganbench")
+        if self.password:
+            escaped = self.password.replace("'", "''")
+            self._run(str(self.bin / "psql"), "-h", str(self.dir), "-p", str(self.port),
+                      "-U", "postgres", "-d", "ganbench", "-c",
+                      f"CREATE ROLE ganbench LOGIN PASSWORD '{escaped}'; "
+                      "GRANT ALL ON SCHEMA public TO ganbench")
         return self
 
     @property
     def url(self) -> str:
+        if self.password:
+            from urllib.parse import quote
+
+            return (f"postgresql://ganbench:{quote(self.password, safe='')}@127.0.0.1:"
+                    f"{self.port}/ganbench")
         return f"postgresql://postgres@127.0.0.1:{self.port}/ganbench"
 
     def stop(self) -> None:

@@ -87,6 +87,12 @@ def test_valid_spec_and_overrides(tmp_path):
     (with_("search.d_steps", {"type": "int", "low": 0, "high": 3}), None, "search.d_steps",
      "d_steps must be a positive integer"),
     (with_("sampler.n_startup", 3), None, "sampler", "bad options for sampler 'tpe'"),
+    (with_("target.pool", 0), None, "target.pool", "greater than 0"),
+    (with_("target.pool", 10), None, "target.pool", "pool must be an integer >= batch_size"),
+    (with_("model.g_norm", "layer"), None, "model.g_norm", "unknown g_norm 'layer'"),
+    (with_("train.update", "both"), None, "train.update", "unknown update 'both'"),
+    (with_("search.lr_schedule", {"type": "categorical", "choices": ["constant", "step"]}),
+     None, "search.lr_schedule", "unknown lr_schedule 'step'"),
 ])
 def test_spec_errors_name_file_and_field(tmp_path, data, text, field, needle):
     with pytest.raises(SpecError) as info:
@@ -95,6 +101,13 @@ def test_spec_errors_name_file_and_field(tmp_path, data, text, field, needle):
     assert message.startswith(str(tmp_path / "s.yaml"))
     assert info.value.field == field and needle in message
     assert "\n" not in message
+
+
+def test_target_pool_is_a_trainer_option_not_a_target_parameter(tmp_path):
+    spec = load(tmp_path, with_("target.pool", 5000))
+    config = spec.trial_config({})
+    assert config.pool == 5000 and "pool" not in config.target_params
+    assert load(tmp_path, BASE).trial_config({}).pool is None
 
 
 def test_missing_file(tmp_path):
