@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -427,9 +428,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="ganbench", standalone_mode=False)
-        if isinstance(code, int) and code:  # typer returns 130 for Ctrl-C here
+        if isinstance(code, int) and code:  # typer returns 130 for any interrupt here
             if code == 130:
-                print("interrupted", file=sys.stderr)
+                from ganbench.recovery import Interrupted
+
+                signum = Interrupted.last or signal.SIGINT  # 143 when it was a SIGTERM
+                print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+                code = 128 + signum
             sys.exit(code)
     except GanbenchError as exc:
         if debug:
@@ -443,9 +448,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.stderr.flush()
             os._exit(2)
         sys.exit(2)
-    except (KeyboardInterrupt, typer.Abort):
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort) as exc:
+        from ganbench.recovery import exit_code
+
+        cause = exc.__cause__ or exc  # click turns a KeyboardInterrupt into Abort
+        print(f"interrupted ({cause})" if str(cause) else "interrupted", file=sys.stderr)
+        sys.exit(exit_code(cause))
     except Exception as exc:
         if hasattr(exc, "exit_code"):  # typer's usage errors and exits (its own click)
             if hasattr(exc, "show"):

@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,13 @@ from ganbench import workers
 from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
-from ganbench.recovery import compute_spent, count_trials, is_counted, recover_dead_workers
+from ganbench.recovery import (
+    Interrupted,
+    compute_spent,
+    count_trials,
+    is_counted,
+    recover_dead_workers,
+)
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
 from ganbench.study import get_storage, open_study
 from ganbench.sweep import budget_spent
@@ -157,14 +165,25 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
     """Tune (unless mode: fixed) and evaluate every arm on every target; resumable."""
     results = []
     seeds = heldout_seeds(spec)
-    # One pool of worker processes for the whole comparison: starting processes costs
-    # seconds, far more than a smoke-sized trial.
-    with mp.get_context("spawn").Pool(len(devices)) as pool:
-        for target in spec.targets:
-            for arm in spec.arms:
-                results.append(_run_arm(spec, target, arm, devices, pool, seeds,
-                                        tracker_for(target.name, arm) if tracker_for else None,
-                                        on_step))
+
+    def terminated(signum: int, frame) -> None:  # SIGTERM stops a comparison as Ctrl-C does
+        raise Interrupted(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if main else None
+    try:
+        # One pool of worker processes for the whole comparison: starting processes costs
+        # seconds, far more than a smoke-sized trial. Leaving it terminates its workers,
+        # which mark their running trials first.
+        with mp.get_context("spawn").Pool(len(devices)) as pool:
+            for target in spec.targets:
+                for arm in spec.arms:
+                    results.append(_run_arm(spec, target, arm, devices, pool, seeds,
+                                            tracker_for(target.name, arm) if tracker_for
+                                            else None, on_step))
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return results
 
 
@@ -539,12 +558,20 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     if spec.tracking is not False:
         root = Tracker.for_compare(spec, logged(spec))
 
-    def tracker_for(target: str, arm: str):
-        return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
-                                                "ganbench.study": spec.name, "arm": arm,
-                                                "target": target})
+    opened: list[Any] = []
 
-    results = run_arms(spec, device_list, tracker_for if root else None, on_step)
+    def tracker_for(target: str, arm: str):
+        opened.append(root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
+                                                       "ganbench.study": spec.name,
+                                                       "arm": arm, "target": target}))
+        return opened[-1]
+
+    try:
+        results = run_arms(spec, device_list, tracker_for if root else None, on_step)
+    except KeyboardInterrupt as exc:  # every run it opened ends, KILLED with the reason
+        for tracker in ([opened[-1]] if opened else []) + ([root] if root else []):
+            tracker.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})
+        raise
     comparison = assemble(spec, results)
     write_report(comparison)
     if root is not None:

@@ -542,11 +542,30 @@ def train_population(
             continue
         buckets.setdefault(bucket_key(config), []).append(_member(i, config))
     for members in buckets.values():
-        _run_bucket(_Bucket(members, streams), on_eval, on_step, start, results)
+        try:
+            _run_bucket(_Bucket(members, streams), on_eval, on_step, start, results)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # the bucket's program failed: its unfinished members
+            log.warning("a bucket of %d member(s) failed: %s: %s", len(members),
+                        type(exc).__name__, exc)
+            for m in members:
+                if m.index not in results:
+                    results[m.index] = _error_result(m, exc, start)
     for i in alone:
         results[i] = train(configs[i], None if on_eval is None else
                            (lambda step, row, i=i: on_eval(i, step, row)), on_step)
     return [results[i] for i in range(len(configs))]
+
+
+def _error_result(m: _Member, exc: Exception, start: float) -> TrainResult:
+    """A member whose own work raised (its callback, its metrics, its bucket's program)."""
+    return TrainResult(config=m.config, status="error", steps=m.g_count, metrics={},
+                       history=m.history, samples=torch.empty(0, m.target.dim),
+                       reference=m.reference.float(),
+                       reason=f"error: {type(exc).__name__}: {exc}",
+                       seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds,
+                       error=exc)
 
 
 def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None,
@@ -602,14 +621,18 @@ def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None
         due = [i for i, m in enumerate(b.members) if i not in gone and
                (step % m.config.eval_every == 0 or step == m.config.steps)]
         if due:
-            gone |= _evaluate(b, due, step, on_eval, finish)
+            gone |= _evaluate(b, due, step, on_eval, finish,
+                              lambda m, exc: results.__setitem__(
+                                  m.index, _error_result(m, exc, start)))
         if gone:
             b.keep([i for i in range(len(b.members)) if i not in gone])
 
 
 def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
-              finish: Callable[[_Member, str, str, int], None]) -> set[int]:
-    """Evaluate the members at positions ``due``; return the positions that leave."""
+              finish: Callable[[_Member, str, str, int], None],
+              fail: Callable[[_Member, Exception], None]) -> set[int]:
+    """Evaluate the members at positions ``due``; return the positions that leave (a
+    member whose metrics or callback raised leaves through ``fail``, alone)."""
     idx = None if len(due) == len(b.members) else torch.tensor(due, device=b.device)
     net = "ema" if "ema" in b.tricks else "g"
     sub = b.subset(idx, ("g.", "d.", f"{net}."))
@@ -625,12 +648,13 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
     g_avg = (b.T["g_sum"][due] if idx is not None else b.T["g_sum"]).tolist()
     b.T["d_sum"][due] = 0
     b.T["g_sum"][due] = 0
-    def metrics(m: _Member, x: torch.Tensor) -> tuple[dict[str, float], float]:
-        t0 = time.perf_counter()
-        out = M.evaluate(x, m.reference, m.target.centers, m.target.std, m.target.weights,
-                         exact=step == m.config.steps,
-                         generator=torch.Generator().manual_seed(m.config.eval_seed))
-        return out, time.perf_counter() - t0
+    def metrics(m: _Member, x: torch.Tensor) -> dict[str, float] | Exception:
+        try:  # one member's failure is that member's alone
+            return M.evaluate(x, m.reference, m.target.centers, m.target.std, m.target.weights,
+                              exact=step == m.config.steps,
+                              generator=torch.Generator().manual_seed(m.config.eval_seed))
+        except Exception as exc:
+            return exc
 
     # Members' metrics in threads: the exact W1 solver (POT) and torch release the GIL.
     t0 = time.perf_counter()
@@ -645,14 +669,26 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
             gone.add(pos)
             continue
         final = step == m.config.steps
-        m.metrics, _ = next(computed)
+        out = next(computed)
         m.eval_seconds += share
+        if isinstance(out, Exception):
+            fail(m, out)
+            gone.add(pos)
+            continue
+        m.metrics = out
         m.samples = x
         row = {"step": step, "d_loss": d_sum / m.n_since, "g_loss": g_sum / m.n_since} \
             | m.metrics
         m.n_since = 0
         m.history.append(row)
-        stop = on_eval is not None and on_eval(m.index, step, row)
+        try:
+            stop = on_eval is not None and on_eval(m.index, step, row)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # e.g. its tracking run failed: this member alone
+            fail(m, exc)
+            gone.add(pos)
+            continue
         if final:
             finish(m, "completed", "", step)
             gone.add(pos)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-HEARTBEAT_INTERVAL = 30   # seconds between heartbeats of a running trial (RDB storages)
-GRACE_PERIOD = 120        # a trial silent this long is failed and retried by the next worker
+HEARTBEAT_INTERVAL = 30   # default seconds between heartbeats of a running trial (RDB)
+GRACE_PERIOD = 120        # default: a trial silent this long is failed and retried
 MAX_RETRY = 3             # retries of one trial's parameters after worker deaths
 
 # fail_kind user attribute: who is to blame for a FAIL.
@@ -28,6 +31,83 @@ TRIAL_FAULT = "trial"             # diverged or raised in training: counts
 WORKER_DIED = "worker_died"       # killed, lost machine: does not count, retried
 INTERRUPTED = "interrupted"       # Ctrl-C: does not count, retried
 SURPLUS = "surplus"               # asked after the total was reached elsewhere: does not count
+INFRASTRUCTURE = "infrastructure"  # the storage or tracking server failed: does not count
+
+# Libraries whose exceptions mean "a service failed", not "the trial is broken".
+_SERVICE_MODULES = ("sqlalchemy", "psycopg", "psycopg2", "mlflow", "requests", "urllib3",
+                    "optuna.storages")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked by a signal (SIGINT, SIGTERM); the command exits 128 + ``signum``."""
+
+    last: int | None = None  # the latest stop's signal (what a CLI wrapper may swallow)
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        Interrupted.last = self.signum
+
+
+def exit_code(exc: BaseException) -> int:
+    """The conventional exit status of a command stopped by ``exc``: 130 for SIGINT, 143
+    for SIGTERM."""
+    return 128 + getattr(exc, "signum", Interrupted.last or signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, received: list[int] | None = None,
+                    on_signal: Callable[[int], None] | None = None) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``stop`` (and append their number to ``received``, and call
+    ``on_signal``) instead of interrupting: the caller stops at its next safe point. Outside
+    the main thread (where handlers cannot be set) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        if received is not None:
+            received.append(signum)
+        stop.set()
+        if on_signal is not None:
+            on_signal(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def watch_parent(parent: int, every: float = 1.0) -> threading.Thread:
+    """Stop this worker (a SIGINT to itself, acted on at its next safe point) once the
+    process ``parent`` is gone, even if it was SIGKILLed: workers never outlive their
+    supervisor."""
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    thread = threading.Thread(target=watch, daemon=True, name="watch-parent")
+    thread.start()
+    return thread
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Did ``exc`` (or what caused it) come from the storage or the tracking server?
+    Such a failure is not the trial's fault."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        module = type(exc).__module__ or ""
+        if module.startswith(_SERVICE_MODULES) or isinstance(exc, ConnectionError) or \
+                isinstance(exc, optuna.exceptions.StorageInternalError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_counted(trial: FrozenTrial) -> bool:
@@ -116,8 +196,7 @@ def recover_dead_workers(study: optuna.Study,
             if on_lost is not None:
                 on_lost(trial, reason)
             recovered.append(trial.number)
-    if isinstance(study._storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
+    fail_stale(study)
     return recovered
 
 
@@ -135,8 +214,23 @@ def local_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def fail_stale(study: optuna.Study) -> list[int]:
+    """On RDB storages: fail (and re-queue, through the storage's callback) the RUNNING
+    trials whose heartbeat is older than the grace period, with Optuna's own machinery.
+    Trials are stale only once they have a heartbeat: workers record one at ask time."""
+    if not isinstance(study._storage, optuna.storages.RDBStorage):
+        return []
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():  # experimental in Optuna: nothing a user can act on
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.number in running and t.user_attrs.get("fail_kind") == WORKER_DIED]
+
+
 class Heartbeat:
-    """Records heartbeats of the running trials on RDB storages (ask/tell does not)."""
+    """Records heartbeats of the running trials on RDB storages (ask/tell does not), at the
+    storage's interval."""
 
     def __init__(self, study: optuna.Study) -> None:
         storage = study._storage
@@ -154,7 +248,7 @@ class Heartbeat:
                 for trial in trials:
                     with contextlib.suppress(Exception):
                         self.storage.record_heartbeat(trial._trial_id)
-                stop.wait(HEARTBEAT_INTERVAL)
+                stop.wait(self.storage.heartbeat_interval or HEARTBEAT_INTERVAL)
 
         thread = threading.Thread(target=beat, daemon=True)
         thread.start()

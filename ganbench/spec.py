@@ -183,6 +183,23 @@ class ExecutionSpec(BaseModel):
     streams: Literal["auto", "member", "shared"] = "auto"  # see ganbench.population
 
 
+class HeartbeatSpec(BaseModel):
+    """Liveness of trials on a database storage: a running trial's worker records a
+    heartbeat every ``interval`` seconds; a trial silent for ``grace`` seconds is failed
+    (not counted) and its parameters are re-queued by the next worker that asks."""
+
+    model_config = _STRICT
+    interval: float = Field(30, gt=0)
+    grace: float = Field(120, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_after_interval(self) -> "HeartbeatSpec":
+        if self.grace <= self.interval:
+            raise ValueError(f"grace ({self.grace:g} s) must exceed interval "
+                             f"({self.interval:g} s): a live worker would be declared dead")
+        return self
+
+
 class Budget(BaseModel):
     """How much tuning a study (or each arm of a comparison) gets: a number of trials, or
     the compute its counted trials may use — generator steps, discriminator steps or
@@ -242,6 +259,7 @@ class StudySpec(BaseModel):
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
 
     def fixed(self) -> dict[str, Any]:
         """The fixed trainer fields: target, train and model sections."""
@@ -474,6 +492,7 @@ class CompareSpec(BaseModel):
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # of the tuning trials
+    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
 
     def arm_study(self, target: TargetSpec, arm: str) -> StudySpec:
         """The Optuna study that tunes one arm on one target (the arm's fixed values win
@@ -496,7 +515,8 @@ class CompareSpec(BaseModel):
             model=model, search=search if self.mode == "tune" else {},
             objectives=[self.objective], sampler=self.sampler, pruner=self.pruner,
             trials=trials, budget=compute, storage=self.storage,
-            tracking=self.tracking, workers=self.workers, execution=self.execution)
+            tracking=self.tracking, workers=self.workers, execution=self.execution,
+            heartbeat=self.heartbeat)
 
     @field_validator("budget", mode="before")
     @classmethod

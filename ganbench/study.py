@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
 import optuna
 
 from ganbench.errors import GanbenchError, NoStudy, SpecError, redact
-from ganbench.recovery import GRACE_PERIOD, HEARTBEAT_INTERVAL, retry_callback
+from ganbench.recovery import retry_callback
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -111,8 +112,8 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
     try:
         with quiet_warnings():
             return optuna.storages.RDBStorage(
-                _sqlalchemy_url(url), heartbeat_interval=HEARTBEAT_INTERVAL,
-                grace_period=GRACE_PERIOD,
+                _sqlalchemy_url(url), heartbeat_interval=int(math.ceil(spec.heartbeat.interval)),
+                grace_period=int(math.ceil(spec.heartbeat.grace)),
                 failed_trial_callback=retry_callback,
                 engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
             )

@@ -7,6 +7,7 @@ processes and the supervisor are ``ganbench.workers``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -23,14 +24,19 @@ from optuna.trial import FrozenTrial, TrialState
 from ganbench.config import TrainConfig
 from ganbench.metrics import pruning_metric
 from ganbench.recovery import (
+    INFRASTRUCTURE,
     INTERRUPTED,
     SURPLUS,
     TRIAL_FAULT,
     Heartbeat,
+    Interrupted,
     compute_spent,
     count_trials,
+    fail_stale,
     fail_trial,
+    is_infrastructure,
     local_lock,
+    stop_on_signals,
 )
 from ganbench.report import points
 from ganbench.spec import StudySpec
@@ -88,8 +94,6 @@ def _begin_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, devi
                  tracker=None) -> tuple[dict[str, Any], Any]:
     """Record where the trial runs, sample its parameters, open its MLflow run."""
     storage = study._storage
-    storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
-    storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
     storage.set_trial_user_attr(trial._trial_id, "device", device)
     storage.set_trial_user_attr(trial._trial_id, "execution", spec.execution.mode)
     params = suggest(trial, spec)
@@ -133,6 +137,31 @@ def _conclude(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
     reason in ``fail_reason``); else COMPLETE with the seeds' mean metrics.
     """
     storage = study._storage
+    errors = [r for r in results if r.status == "error"]
+    if errors:  # a population member's own exception
+        return _fault(study, trial, run, errors[0].error)
+    if storage.get_trial(trial._trial_id).state.is_finished():
+        return _lost(trial, run)
+    try:
+        return _tell(study, trial, spec, results, run)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        if storage.get_trial(trial._trial_id).state.is_finished():
+            return _lost(trial, run)
+        raise
+
+
+def _lost(trial: optuna.Trial, run) -> TrialOutcome:
+    """The trial was failed elsewhere while it trained (its heartbeat went stale, e.g. the
+    storage was unreachable): its result is dropped, its parameters were re-queued."""
+    reason = "finished elsewhere while training (heartbeat lost): result dropped, re-queued"
+    if run is not None:
+        run.end(TrialState.FAIL, {}, reason, None)
+    return TrialOutcome(trial.number, TrialState.FAIL, None, reason)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
+          results: list[TrainResult], run) -> TrialOutcome:
+    storage = study._storage
     state, reason, values, mean = TrialState.COMPLETE, "", None, {}
     for unit, used in compute_used(results).items():
         storage.set_trial_user_attr(trial._trial_id, unit, used)
@@ -175,11 +204,18 @@ def compute_used(results: Sequence[TrainResult]) -> dict[str, float]:
 
 
 def _fault(study: optuna.Study, trial: optuna.Trial, run, exc: Exception) -> TrialOutcome:
-    """A bug in training (not a diverging GAN): the trial FAILs, counted, with traceback."""
+    """An exception in a trial. A bug in training (not a diverging GAN): the trial FAILs,
+    counted, with its traceback. A failure of the storage or the tracking server is not the
+    trial's: it FAILs uncounted and its parameters are re-queued."""
     storage = study._storage
-    reason = f"error: {type(exc).__name__}: {exc}"
-    storage.set_trial_user_attr(trial._trial_id, "traceback", traceback.format_exc())
-    fail_trial(study, storage.get_trial(trial._trial_id), TRIAL_FAULT, reason)
+    infra = is_infrastructure(exc)
+    reason = f"{'storage or tracking error' if infra else 'error'}: {type(exc).__name__}: " \
+             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    tb = "".join(traceback.format_exception(exc))
+    with contextlib.suppress(Exception):  # the storage itself may be what failed
+        storage.set_trial_user_attr(trial._trial_id, "traceback", tb)
+    fail_trial(study, storage.get_trial(trial._trial_id),
+               INFRASTRUCTURE if infra else TRIAL_FAULT, reason)
     if run is not None:
         run.end(TrialState.FAIL, {}, reason, None)
     return TrialOutcome(trial.number, TrialState.FAIL, None, reason)
@@ -257,20 +293,35 @@ def run_population(study: optuna.Study, trials: Sequence[optuna.Trial], spec: St
 
 
 # ---------------------------------------------------------------- the worker loop
-def ask_next(study: optuna.Study, spec: StudySpec, total: int) -> optuna.Trial | None:
-    """Ask a trial if the study still needs one, else None.
+def ask_next(study: optuna.Study, spec: StudySpec, total: int,
+             should_stop: Callable[[], bool] | None = None,
+             on_event: Callable[[str], None] | None = None) -> optuna.Trial | None:
+    """Ask a trial if the study still needs one (and no stop was asked), else None.
 
-    Local workers serialize this with a file lock, so they never overshoot. Workers on
+    Local workers serialize this with a file lock, so they never overshoot. On a database
+    storage, trials whose worker went silent (no heartbeat for the grace period) are failed
+    and re-queued first, and the new trial gets its first heartbeat, host and pid at once:
+    a worker that dies right after asking leaves a trial the next ask recovers. Workers on
     other machines can race; a trial asked beyond the total is marked FAIL 'surplus'
     (not counted) by the check after asking.
     """
     with local_lock(run_dir(spec)):
+        for number in fail_stale(study):
+            if on_event:
+                on_event(f"trial {number}: its worker went silent (no heartbeat for "
+                         f"{spec.heartbeat.grace:g} s); failed, not counted, re-queued")
         trials = study.get_trials(deepcopy=False)
         done, running = count_trials(trials)
-        if done + running >= total or budget_spent(spec, trials):
+        if done + running >= total or budget_spent(spec, trials) or \
+                (should_stop is not None and should_stop()):
             return None
         with quiet_warnings():  # "heartbeat outside Study.optimize": ours beats (Heartbeat)
             trial = study.ask()
+        storage = study._storage
+        storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
+        storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.record_heartbeat(trial._trial_id)
     before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
     done, running = count_trials(before)
     if done + running >= total:
@@ -289,44 +340,61 @@ def budget_spent(spec: StudySpec, trials: Sequence[FrozenTrial]) -> bool:
 
 def worker_loop(spec: StudySpec, device: str, total: int, deadline: float | None = None,
                 tracker=None, on_trial: Callable[[TrialOutcome], None] | None = None,
-                worker: int = 0) -> int:
+                worker: int = 0, on_event: Callable[[str], None] | None = None) -> int:
     """Run trials until the study holds ``total`` counted trials (or the deadline passes).
-    Returns the number of trials this worker ran."""
+    Returns the number of trials this worker ran. SIGINT or SIGTERM stops it at the next
+    safe point: its running trials are marked and re-queued, then ``Interrupted`` is
+    raised."""
     study = open_study(spec, worker=worker)
     ran = 0
     heartbeat = Heartbeat(study)
-    # Ctrl-C only sets a flag, acted on at safe points (between trials, every few training
-    # steps): a KeyboardInterrupt raised inside a library's cleanup callback is swallowed.
+    # SIGINT and SIGTERM only set a flag, acted on at safe points (before asking, every few
+    # training steps): an exception raised inside a library's cleanup callback is swallowed.
     stop = threading.Event()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda s, f: stop.set()) if in_main else None
-    try:
-        while deadline is None or time.time() < deadline:
-            if stop.is_set():
-                raise KeyboardInterrupt
-            if spec.execution.mode == "population":
-                # As many trials as fill the population (each trial is `seeds` members).
-                trials: list[optuna.Trial] = []
-                while len(trials) < max(1, spec.execution.size // spec.seeds):
-                    if (trial := ask_next(study, spec, total)) is None:
-                        break
-                    trials.append(trial)
-                if not trials:
+    received: list[int] = []
+
+    def stopped() -> Interrupted:
+        return Interrupted(received[0] if received else signal.SIGINT)
+
+    with stop_on_signals(stop, received):
+        try:
+            ran = _work(study, spec, device, total, deadline, tracker, on_trial, on_event,
+                        heartbeat, stop)
+        except KeyboardInterrupt:
+            raise stopped() from None
+        if stop.is_set():
+            raise stopped()
+    return ran
+
+
+def _work(study: optuna.Study, spec: StudySpec, device: str, total: int,
+          deadline: float | None, tracker, on_trial, on_event, heartbeat: Heartbeat,
+          stop: threading.Event) -> int:
+    """worker_loop's loop: ask, train, tell until nothing is left (or a stop)."""
+    ran = 0
+    while deadline is None or time.time() < deadline:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        if spec.execution.mode == "population":
+            # As many trials as fill the population (each trial is `seeds` members).
+            trials: list[optuna.Trial] = []
+            while len(trials) < max(1, spec.execution.size // spec.seeds):
+                if (trial := ask_next(study, spec, total, stop.is_set, on_event)) is None:
                     break
-                with heartbeat.beating(*trials):
-                    outcomes = run_population(study, trials, spec, device, tracker,
-                                              stop.is_set)
-            else:
-                trial = ask_next(study, spec, total)
-                if trial is None:
-                    break
-                with heartbeat.beating(trial):
-                    outcomes = [run_trial(study, trial, spec, device, tracker, stop.is_set)]
-            ran += len(outcomes)
-            for outcome in outcomes:
-                if on_trial:
-                    on_trial(outcome)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+                trials.append(trial)
+            if not trials:
+                break
+            with heartbeat.beating(*trials):
+                outcomes = run_population(study, trials, spec, device, tracker,
+                                          stop.is_set)
+        else:
+            trial = ask_next(study, spec, total, stop.is_set, on_event)
+            if trial is None:
+                break
+            with heartbeat.beating(trial):
+                outcomes = [run_trial(study, trial, spec, device, tracker, stop.is_set)]
+        ran += len(outcomes)
+        for outcome in outcomes:
+            if on_trial:
+                on_trial(outcome)
     return ran

@@ -28,7 +28,8 @@ DTYPES = {name: getattr(torch, name) for name in CONFIG_DTYPES}  # name → torc
 
 @dataclass
 class TrainResult:
-    """The outcome of one run. ``status``: completed | diverged | stopped (by on_eval)."""
+    """The outcome of one run. ``status``: completed | diverged | stopped (by on_eval) |
+    error (an exception in a population member's own work, kept in ``error``)."""
 
     config: TrainConfig
     status: str
@@ -40,6 +41,7 @@ class TrainResult:
     reason: str = ""                          # e.g. "diverged at step 812"
     seconds: float = 0.0                      # wall time of the run
     eval_seconds: float = 0.0                 # part of it spent in metrics
+    error: Exception | None = None            # status "error": what was raised
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready final metrics with status and steps."""

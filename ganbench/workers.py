@@ -5,6 +5,7 @@ sweep, and a sweep as the CLI runs it (tracking opened and closed around it).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -17,7 +18,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ganbench.errors import GanbenchError
-from ganbench.recovery import INTERRUPTED, count_trials, recover_dead_workers
+from ganbench.recovery import (
+    INTERRUPTED,
+    Interrupted,
+    count_trials,
+    recover_dead_workers,
+    stop_on_signals,
+    watch_parent,
+)
 from ganbench.spec import StudySpec, logged
 from ganbench.study import open_study
 from ganbench.sweep import TrialOutcome, worker_loop
@@ -79,11 +87,15 @@ class WorkerJob:
     tracking: Any = None           # a tracking.TrackingHandle, or None
     index: int = 0                 # worker number (sampler seed offset)
     threads: int = 1               # torch threads on CPU
+    supervisor: int = 0            # pid of the process that started it (0: not watched)
 
 
 def run_worker(job: WorkerJob) -> int:
     """Entry point of every spawned worker process: threads, tracker, spec, then the worker
-    loop. Ctrl-C ends it quietly (the loop has marked its trials). Returns trials run."""
+    loop. SIGINT or SIGTERM ends it quietly (the loop has marked its trials), and so does its
+    supervisor's death. Returns trials run."""
+    if job.supervisor:
+        watch_parent(job.supervisor)
     set_threads(job.device, job.threads)
     spec = StudySpec.model_validate_json(job.spec_json)
     tracker = None
@@ -103,8 +115,8 @@ def worker_jobs(spec: StudySpec, devices: Sequence[str], total: int,
                 deadline: float | None = None, tracking: Any = None) -> list[WorkerJob]:
     """One job per entry of ``devices``, CPU threads shared out among the CPU workers."""
     threads = cpu_threads(spec, list(devices).count("cpu"))
-    return [WorkerJob(spec.model_dump_json(), device, total, deadline, tracking, i, threads)
-            for i, device in enumerate(devices)]
+    return [WorkerJob(spec.model_dump_json(), device, total, deadline, tracking, i, threads,
+                      os.getpid()) for i, device in enumerate(devices)]
 
 
 def start_workers(spec: StudySpec, devices: Sequence[str], total: int,
@@ -160,41 +172,44 @@ def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
         return snap
     devices = needed_workers(devices, total, snap.done)
     procs = start_workers(spec, devices, total, deadline, tracking)
-    # Ctrl-C reaches the workers directly (same process group). Here it only sets a flag
-    # checked by the loop, so it never lands inside a library's cleanup callback.
+    # SIGINT (Ctrl-C, or `kill -INT` to this process alone) and SIGTERM (kill, timeout,
+    # systemd, Slurm) only set a flag here; the loop passes the stop on to every worker
+    # (a terminal's Ctrl-C reached them already; a signal to this pid alone did not).
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    try:
-        while any(p.is_alive() for p in procs):
-            if stop.is_set():
-                raise KeyboardInterrupt
+    received: list[int] = []
+
+    def forward(signum: int) -> None:  # at once: no worker may start a trial after it
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(p.pid, signal.SIGINT)
+
+    with stop_on_signals(stop, received, forward):
+        while any(p.is_alive() for p in procs) and not stop.is_set():
             snap = snapshot(study, spec, total)
             if on_poll:
                 on_poll(snap)
             for p in procs:
                 p.join(timeout=poll / len(procs))
-    except KeyboardInterrupt:
-        # Workers got the same SIGINT: let them mark their trials, then stop.
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-        # A worker stopped between asking a trial and starting it leaves it RUNNING.
-        recover_dead_workers(study, on_lost, kind=INTERRUPTED)
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if stop.is_set():  # Ctrl-C as the workers were finishing
-        recover_dead_workers(study, on_lost, kind=INTERRUPTED)
-        raise KeyboardInterrupt
+        if stop.is_set():
+            # The workers mark their trials and stop at their next safe point.
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
+            # A worker stopped between asking a trial and starting it leaves it RUNNING.
+            recover_dead_workers(study, on_lost, kind=INTERRUPTED)
+            raise Interrupted(received[0] if received else signal.SIGINT)
     snap = snapshot(study, spec, total)
     if on_poll:
         on_poll(snap)
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if failed and snap.done < total and (deadline is None or time.time() < deadline):
-        raise GanbenchError(f"{len(failed)} worker(s) exited with codes {failed} before the "
-                            f"study reached {total} trials; rerun to continue")
+    if snap.done < total and (deadline is None or time.time() < deadline):
+        if failed:
+            raise GanbenchError(f"{len(failed)} worker(s) exited with codes {failed} before "
+                                f"the study reached {total} trials; rerun to continue")
+        raise GanbenchError(f"the study ended short: {snap.done} of {total} counted, "
+                            f"{len(snap.running)} still running elsewhere; rerun to continue")
     return snap
 
 

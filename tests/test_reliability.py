@@ -120,7 +120,7 @@ def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
     assert "interrupted" in out + err and "Traceback" not in err
     assert not by_state(study, TrialState.RUNNING)
     stopped = [t for t in study.get_trials() if t.user_attrs.get("fail_kind") == "interrupted"]
-    assert len(stopped) == 2
+    assert 1 <= len(stopped) <= 2  # a trial may finish between the check and the signal
     runs = {r.data.tags["trial_number"]: r for r in mlflow_runs(tmp_path, "interrupted")}
     # A trial interrupted before its MLflow run was created has none; the others are KILLED.
     assert {runs[str(t.number)].info.status for t in stopped if str(t.number) in runs} <= \
@@ -131,6 +131,62 @@ def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert_complete_study(study, 5)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_supervisor_alone_is_a_clean_stop(tmp_path, sig):
+    """`kill -INT` / `kill` (SIGTERM) to the supervisor's pid, from outside its process
+    group: the workers stop too, within seconds, no trial starts after the signal, every
+    MLflow run ends, the exit status says which signal, and a rerun completes exactly N."""
+    spec = write_spec(tmp_path, name="signalled", trials=6, train=SLOWER, tracking={})
+    proc, study = sweep_until_busy(spec, tmp_path, "signalled")
+    workers = {t.user_attrs["pid"] for t in study.get_trials() if "pid" in t.user_attrs}
+    sent = time.time()
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    took = time.time() - sent
+    assert proc.returncode == 128 + sig, err
+    assert took < 30, f"took {took:.1f} s to stop"
+    assert "interrupted" in err and "Traceback" not in err
+    assert "best trials" in out  # the leaderboard so far
+    assert not [p for p in workers if pid_alive(p)]  # no worker outlives its supervisor
+    trials = study.get_trials()
+    assert not by_state(study, TrialState.RUNNING)
+    late = [t.number for t in trials if t.datetime_start is not None and
+            t.datetime_start.timestamp() > sent + 0.5]  # re-queued ones wait, unstarted
+    assert not late, f"trials {late} started after the signal"
+    assert {t.user_attrs["fail_kind"] for t in trials if t.state == TrialState.FAIL} <= \
+        {"interrupted"}
+    assert not [r for r in mlflow_runs(tmp_path, "signalled") if r.info.status == "RUNNING"]
+    rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec)],
+                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_study(study, 6)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    spec = write_spec(tmp_path, name="orphaned", trials=6, train=SLOWER, tracking={})
+    proc, study = sweep_until_busy(spec, tmp_path, "orphaned")
+    workers = {t.user_attrs["pid"] for t in study.get_trials() if "pid" in t.user_attrs}
+    os.kill(proc.pid, signal.SIGKILL)  # the supervisor alone: its workers are orphaned
+    proc.wait()
+    wait_for(lambda: not [p for p in workers if pid_alive(p)], timeout=60)
+    # They stopped at a safe point: their trials are marked, not left RUNNING.
+    assert not by_state(study, TrialState.RUNNING)
+    rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec)],
+                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_study(study, 6)
 
 
 @pytest.mark.parametrize("backend", ["journal", "postgresql"])
@@ -153,7 +209,8 @@ def test_four_workers_finish_exactly_n_each_logged_once(tmp_path, backend, reque
         study = optuna.load_study(study_name=name, storage=storage)
     assert_complete_study(study, 8)
     assert len(study.get_trials()) == 8
-    assert len({t.user_attrs["pid"] for t in study.get_trials()}) == 4
+    # Which worker ran what is the scheduler's business; that they are this sweep's is not.
+    assert 1 <= len({t.user_attrs["pid"] for t in study.get_trials()}) <= 4
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name(name)
     runs = [r for r in client.search_runs([exp.experiment_id])
