@@ -133,26 +133,30 @@ def compute_spent(trials: Sequence[FrozenTrial], unit: str) -> float:
     return float(sum(t.user_attrs.get(unit, 0) for t in counted))
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Re-queue a lost trial's parameters (at most MAX_RETRY times per original trial)."""
+def requeue(study: optuna.Study, trial: FrozenTrial, reason: str | None = None) -> None:
+    """Re-queue a lost trial's parameters (at most MAX_RETRY times per original trial);
+    the new trial records which it retries and, if given, why."""
     origin = trial.user_attrs.get("retry_of", trial.number)
     retries = trial.user_attrs.get("retry", 0) + 1
     if retries > MAX_RETRY:
         return
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": origin, "retry": retries},
-                        skip_if_exists=False)
+    attrs = {"retry_of": origin, "retry": retries} | ({"retry_reason": reason} if reason else {})
+    study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+
+
+STALE = "worker died (no heartbeat)"
 
 
 def retry_callback(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Heartbeat-failed trial (worker on another machine died): tag it, re-queue its params.
+    """A trial failed by Optuna for a silent heartbeat (its worker died, here or on another
+    machine): its parameters are re-queued. The failed trial is already finished and can
+    take no attribute: a FAIL without ``fail_kind`` is such a trial, and is not counted.
     Passed to Optuna's RDBStorage as ``failed_trial_callback``."""
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_kind", WORKER_DIED)
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                       "worker died (no heartbeat)")
-    requeue(study, trial)
+    requeue(study, trial, STALE)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` of this machine alive?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -189,7 +193,7 @@ def recover_dead_workers(study: optuna.Study,
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w_host, w_pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
-        if w_host == host and isinstance(w_pid, int) and not _pid_alive(w_pid):
+        if w_host == host and isinstance(w_pid, int) and not pid_alive(w_pid):
             reason = (f"worker died (pid {w_pid} on {host})" if kind == WORKER_DIED
                       else "interrupted (Ctrl-C)")
             fail_trial(study, trial, kind, reason)
@@ -214,18 +218,25 @@ def local_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    """Does ``storage`` keep heartbeats (a database storage, also behind Optuna's cache)?"""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
+
 def fail_stale(study: optuna.Study) -> list[int]:
     """On RDB storages: fail (and re-queue, through the storage's callback) the RUNNING
     trials whose heartbeat is older than the grace period, with Optuna's own machinery.
     Trials are stale only once they have a heartbeat: workers record one at ask time."""
-    if not isinstance(study._storage, optuna.storages.RDBStorage):
+    if not has_heartbeat(study._storage):
         return []
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     with warnings.catch_warnings():  # experimental in Optuna: nothing a user can act on
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if t.number in running and t.user_attrs.get("fail_kind") == WORKER_DIED]
+            if t.number in running and "fail_kind" not in t.user_attrs]
 
 
 class Heartbeat:
@@ -234,7 +245,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study) -> None:
         storage = study._storage
-        self.storage = storage if isinstance(storage, optuna.storages.RDBStorage) else None
+        self.storage = storage if has_heartbeat(storage) else None
 
     @contextlib.contextmanager
     def beating(self, *trials: optuna.Trial) -> Iterator[None]:
@@ -248,7 +259,7 @@ class Heartbeat:
                 for trial in trials:
                     with contextlib.suppress(Exception):
                         self.storage.record_heartbeat(trial._trial_id)
-                stop.wait(self.storage.heartbeat_interval or HEARTBEAT_INTERVAL)
+                stop.wait(self.storage.get_heartbeat_interval() or HEARTBEAT_INTERVAL)
 
         thread = threading.Thread(target=beat, daemon=True)
         thread.start()

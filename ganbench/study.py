@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -109,17 +110,27 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
     url = spec.storage
     if url.startswith("sqlite:///") and not create and not Path(url[10:]).exists():
         raise NoStudy(f"no study found: {url[10:]} does not exist")
-    try:
-        with quiet_warnings():
-            return optuna.storages.RDBStorage(
-                _sqlalchemy_url(url), heartbeat_interval=int(math.ceil(spec.heartbeat.interval)),
-                grace_period=int(math.ceil(spec.heartbeat.grace)),
-                failed_trial_callback=retry_callback,
-                engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
-            )
-    except Exception as exc:  # sqlalchemy raises many types; all mean "cannot use it"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GanbenchError(f"storage {redact(url)}: cannot connect: {first}") from None
+    for attempt in range(3):
+        try:
+            with quiet_warnings():
+                return optuna.storages.RDBStorage(
+                    _sqlalchemy_url(url),
+                    heartbeat_interval=int(math.ceil(spec.heartbeat.interval)),
+                    grace_period=int(math.ceil(spec.heartbeat.grace)),
+                    failed_trial_callback=retry_callback,
+                    engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql")
+                    else None)
+        except Exception as exc:  # sqlalchemy raises many types; all mean "cannot use it"
+            # Workers starting together on an empty database race to create its tables:
+            # the loser sees a duplicate key, and finds the tables on its next attempt.
+            if "duplicate key" in str(exc) or "already exists" in str(exc):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else \
+                type(exc).__name__
+            raise GanbenchError(f"storage {redact(url)}: cannot connect: {first}") from None
+    raise GanbenchError(f"storage {redact(url)}: cannot create its tables (another process "
+                        "keeps creating them)")
 
 
 def storage_label(spec: StudySpec) -> str:

@@ -34,8 +34,10 @@ from ganbench.recovery import (
     count_trials,
     fail_stale,
     fail_trial,
+    has_heartbeat,
     is_infrastructure,
     local_lock,
+    pid_alive,
     stop_on_signals,
 )
 from ganbench.report import points
@@ -320,7 +322,7 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int,
         storage = study._storage
         storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
         storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
-        if isinstance(storage, optuna.storages.RDBStorage):
+        if has_heartbeat(storage):
             storage.record_heartbeat(trial._trial_id)
     before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
     done, running = count_trials(before)
@@ -329,6 +331,29 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int,
                    "surplus: the study reached its total elsewhere")
         return None
     return trial
+
+
+def _wait_for_others(study: optuna.Study, spec: StudySpec, total: int,
+                     stop: threading.Event) -> bool:
+    """Nothing to ask, but the study is short while trials run elsewhere: wait a while
+    (True) if they will end — they finish, or, on a database storage, a dead worker's trial
+    goes stale and the next ask re-queues it; on a journal, while their workers are live
+    processes of this machine. False: stop here (the study is done, or cannot progress)."""
+    trials = study.get_trials(deepcopy=False)
+    done, running = count_trials(trials)
+    if stop.is_set() or done >= total or budget_spent(spec, trials) or not running:
+        return False
+    if has_heartbeat(study._storage):
+        stop.wait(min(spec.heartbeat.interval, 5.0))
+        return True
+    host = socket.gethostname()
+    local = [t for t in trials if t.state == TrialState.RUNNING
+             and t.user_attrs.get("host") == host and isinstance(t.user_attrs.get("pid"), int)
+             and pid_alive(t.user_attrs["pid"])]
+    if local:
+        stop.wait(1.0)
+        return True
+    return False
 
 
 def budget_spent(spec: StudySpec, trials: Sequence[FrozenTrial]) -> bool:
@@ -383,6 +408,8 @@ def _work(study: optuna.Study, spec: StudySpec, device: str, total: int,
                     break
                 trials.append(trial)
             if not trials:
+                if _wait_for_others(study, spec, total, stop):
+                    continue
                 break
             with heartbeat.beating(*trials):
                 outcomes = run_population(study, trials, spec, device, tracker,
@@ -390,6 +417,8 @@ def _work(study: optuna.Study, spec: StudySpec, device: str, total: int,
         else:
             trial = ask_next(study, spec, total, stop.is_set, on_event)
             if trial is None:
+                if _wait_for_others(study, spec, total, stop):
+                    continue
                 break
             with heartbeat.beating(trial):
                 outcomes = [run_trial(study, trial, spec, device, tracker, stop.is_set)]

@@ -106,9 +106,14 @@ def run_worker(job: WorkerJob) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return worker_loop(spec, job.device, job.total, job.deadline, tracker,
-                           worker=job.index)
+                           worker=job.index, on_event=_say)
     except KeyboardInterrupt:
         return 0
+
+
+def _say(line: str) -> None:
+    """A worker's event (a recovered trial, a storage outage): one line on the console."""
+    print(line, flush=True)
 
 
 def worker_jobs(spec: StudySpec, devices: Sequence[str], total: int,
@@ -284,7 +289,8 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
 
 def join_study(spec: StudySpec, device: str = "auto",
                on_join: Callable[[str], None] | None = None,
-               on_trial: Callable[[TrialOutcome], None] | None = None) -> int:
+               on_trial: Callable[[TrialOutcome], None] | None = None,
+               on_event: Callable[[str], None] | None = _say) -> int:
     """Run one worker in this process (``ganbench worker``, e.g. on another machine against
     a shared storage) until the study holds its total; returns the trials it ran."""
     from ganbench.devices import resolve_device
@@ -299,7 +305,8 @@ def join_study(spec: StudySpec, device: str = "auto",
     if on_join is not None:
         on_join(dev)
     try:
-        return worker_loop(spec, dev, spec.trials, deadline, tracker, on_trial)
+        return worker_loop(spec, dev, spec.trials, deadline, tracker, on_trial,
+                           on_event=on_event)
     finally:
         if tracker is not None:
             tracker.finish(study)

@@ -272,3 +272,41 @@ def test_a_journal_lock_left_by_a_killed_worker_is_released(tmp_path):
                            timeout=150)
     assert again.returncode == 0, again.stderr
     assert_complete_study(journal_study(tmp_path, "locked"), 1)
+
+
+def test_a_dead_remote_worker_is_recovered_by_the_other_while_it_runs(tmp_path, postgres):
+    """Two workers on PostgreSQL with a 2 s heartbeat and a 6 s grace; one is SIGKILLed
+    right after it asks. The other fails the silent trial inside its own ask, re-queues its
+    parameters and finishes the study: exactly N counted, no configuration counted twice."""
+    spec = write_spec(tmp_path, name="stale", trials=5, train=SLOWER, storage=postgres.url,
+                      heartbeat={"interval": 2, "grace": 6})
+    survivor = start(["worker", str(spec), "--device", "cpu"], tmp_path)
+    victim = start(["worker", str(spec), "--device", "cpu"], tmp_path)
+    storage = get_storage(StudySpec.model_validate(
+        {"name": "stale", "target": {"name": "ring"}, "storage": postgres.url}))
+    wait_for(lambda: optuna.load_study(study_name="stale", storage=storage) is not None)
+    study = optuna.load_study(study_name="stale", storage=storage)
+    try:
+        wait_for(lambda: any(t.state == TrialState.RUNNING and
+                             t.user_attrs.get("pid") == victim.pid
+                             for t in study.get_trials()), timeout=120)
+    except TimeoutError:
+        victim.kill()
+        survivor.kill()
+        raise AssertionError(f"{victim.communicate()} {survivor.communicate()} "
+                             f"{[(t.number, t.state, t.user_attrs) for t in study.get_trials()]}")
+    victim.kill()
+    victim.wait()
+    out, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+    assert "went silent" in out  # the recovery is said, in one line
+    assert_complete_study(study, 5)
+    trials = study.get_trials()
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(lost) == 1 and lost[0].user_attrs["pid"] == victim.pid
+    assert "fail_kind" not in lost[0].user_attrs  # failed by Optuna's heartbeat check
+    counted = [t for t in trials if t.state != TrialState.FAIL]
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == len(counted) == 5
+    retry = [t for t in counted if t.user_attrs.get("retry_of") == lost[0].number]
+    assert len(retry) == 1 and retry[0].params == lost[0].params
+    assert retry[0].user_attrs["retry_reason"] == "worker died (no heartbeat)"
