@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import json
 import math
 import os
@@ -304,9 +306,17 @@ figcaption{{color:#555;font-size:13px}}</style></head>
 
 
 def html_page(title: str, summary: str, sections: Sequence[tuple[str, str]]) -> str:
-    """A self-contained page (images by relative path) readable offline."""
-    body = "".join(f"<h2>{h}</h2>\n{content}\n" for h, content in sections)
-    return HTML.format(title=title, summary=summary, body=body)
+    """A self-contained page (images by relative path) readable offline. ``title``,
+    ``summary`` and the headings are text (escaped here); each section's content is HTML
+    whose own text its builder escaped."""
+    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
+    return HTML.format(title=html.escape(title), summary=html.escape(summary), body=body)
+
+
+def figure(path: str, caption: str) -> str:
+    """An image with its caption as alternative text, both escaped."""
+    return f"<figure><img src='{html.escape(path, quote=True)}' " \
+           f"alt='{html.escape(caption, quote=True)}'></figure>"
 
 
 def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
@@ -331,10 +341,9 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
     shown = frame.drop(columns=["mlflow_run_id"]).head(30)
     table = shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
     sections = [("Leaderboard" + (" (Pareto front marked)" if multi else ""),
-                 f"<p>Objective: {label}. Full table: "
+                 f"<p>Objective: {html.escape(label)}. Full table: "
                  f"<a href='leaderboard.csv'>leaderboard.csv</a>.</p>{table}")]
-    sections += [(caption, f"<figure><img src='{f}' alt='{caption}'></figure>")
-                 for f, caption in plots.items()]
+    sections += [(caption, figure(f, caption)) for f, caption in plots.items()]
     title = f"Study {study.study_name}"
     if total is not None:
         summary += f" (of {total} planned)"
@@ -454,11 +463,10 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
         save_samples_grid(out / "samples.png", panels, columns=len(targets))
         figures.append(("samples.png", "Generated samples of the first held-out seed: "
                         "one row per arm"))
-    sections = [("Results", f"<pre>{markdown}</pre>"
+    sections = [("Results", f"<pre>{html.escape(markdown)}</pre>"
                  "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-seed values: "
                  "<a href='runs.csv'>runs.csv</a>.</p>")]
-    sections += [(caption, f"<figure><img src='{f}' alt='{caption}'></figure>")
-                 for f, caption in figures]
+    sections += [(caption, figure(f, caption)) for f, caption in figures]
     atomic_write_text(out / "index.html", html_page(title, f"Baseline arm: {baseline}.",
                                                     sections))
     return files + [out / f for f, _ in figures] + [out / "index.html"]

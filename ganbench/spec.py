@@ -38,6 +38,7 @@ PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "percentile": "Percent
            "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
            "patient": "PatientPruner"}
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # study, arm: names of files and runs
 STORAGE_URL = re.compile(r"^(sqlite:///\S+|postgresql(\+psycopg)?://\S*@?[\w.\-\[\]:]+(:\d+)?/\w\S*)$")
 
 _STRICT = ConfigDict(extra="forbid")
@@ -542,6 +543,13 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     except ValidationError as exc:
         err = exc.errors()[0]
         raise SpecError(p, _dotted(err["loc"]), _pydantic_message(err)) from None
+    for arm in spec.arms:  # arm names become study, run and file names
+        if not NAME.match(arm):
+            raise SpecError(p, f"arms.{arm}", "an arm name is letters, digits and _ . - "
+                            "(starting with a letter or digit)")
+    for target in spec.targets:
+        if not NAME.match(target.name):
+            raise SpecError(p, "targets", f"bad target name {target.name!r}")
     if spec.baseline not in spec.arms:
         raise SpecError(p, "baseline", f"no arm named {spec.baseline!r}; arms: "
                         f"{', '.join(spec.arms)}")

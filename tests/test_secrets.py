@@ -74,6 +74,8 @@ def test_a_sweep_and_a_compare_leak_no_password(tmp_path, secured_postgres, mlfl
     runs = [r for e in client.search_experiments() for r in client.search_runs(
         [e.experiment_id], max_results=1000)]
     assert len(runs) >= 2 + 1 + 2 * 2  # parents, trials, arm runs, held-out runs
+    # Every run of the sweep and of the comparison ended.
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     for run in runs:
         _assert_clean(json.dumps(run.data.params) + json.dumps(run.data.tags),
                       f"run {run.info.run_id} params/tags")

@@ -150,3 +150,25 @@ def test_any_document_is_a_spec_or_a_spec_error(doc):
         check_spec(spec, "fuzz.yaml")
     except SpecError as exc:
         assert str(exc).startswith("fuzz.yaml") and "\n" not in str(exc)
+
+
+COMPARES = [d for d in shipped if isinstance(d, dict) and "arms" in d]
+COMPARE_KEYS = ["arms", "baseline", "targets", "mode", "budget", "eval_seeds",
+                "heldout_eval_seed", "objective", "search", "train", "model", "name",
+                "heartbeat", "execution", "pool", "pack", "tricks"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=st.one_of(yaml_docs, st.builds(
+    mutate, st.sampled_from(COMPARES), st.sampled_from(COMPARE_KEYS), yaml_docs,
+    st.integers(0, 3))))
+def test_any_document_is_a_comparison_or_one_spec_error(doc):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        try:
+            load_compare(path)
+        except SpecError as exc:
+            assert str(exc).startswith(str(path)) and "\n" not in str(exc)

@@ -111,3 +111,29 @@ def test_tracking_off_and_env_uri(tmp_path, mlflow_server):
     assert proc.returncode == 0, proc.stderr
     assert len(runs_of(MlflowClient(mlflow_server.url), "envuri")) == 2
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_user_strings_are_escaped_in_html_reports(tmp_path):
+    """A fail reason, a parameter value and a title carrying markup reach the page as
+    text, never as markup."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from ganbench.report import html_page, write_study_report
+
+    study = optuna.create_study(study_name="escaped")
+    attack = "<script>alert(1)</script>"
+    dists = {"lr_g": FloatDistribution(1e-4, 1e-2, log=True),
+             "activation": CategoricalDistribution(["relu", attack])}
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr_g": 1e-3, "activation": attack}, distributions=dists, values=[0.5],
+        user_attrs={"metrics": {"w1": 0.5}}))
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr_g": 2e-3, "activation": "relu"}, distributions=dists,
+        state=optuna.trial.TrialState.FAIL,
+        user_attrs={"fail_kind": "trial", "fail_reason": attack}))
+    write_study_report(study, [("w1", "minimize")], ["lr_g", "activation"], tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;" in page
+    page = html_page(attack, attack, [(attack, "<p>ok</p>")])
+    assert "<script" not in page and page.count("&lt;script&gt;") == 4  # title twice
