@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 
@@ -92,6 +92,67 @@ def _sqlalchemy_url(url: str) -> str:
     return url
 
 
+# How long a database call waits for its server to come back (a restart, a failover).
+OUTAGE_PATIENCE = 300.0
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Is ``exc`` a lost or refused database connection (not a bad query)?"""
+    import sqlalchemy.exc
+
+    while exc is not None:
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) \
+                or (isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose calls wait out a database restart: a call that cannot
+    reach the server is retried with backoff for up to OUTAGE_PATIENCE seconds (SQLAlchemy's
+    ``pool_pre_ping`` then replaces the dead connections). Each outage is said in one line
+    when it starts and one when it ends."""
+
+    say: Callable[[str], None] = staticmethod(lambda line: print(line, flush=True))
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(optuna.storages.RDBStorage, name)
+        start, delay = None, 0.25
+        while True:
+            try:
+                out = method(self, *args, **kwargs)
+            except Exception as exc:
+                if not _unreachable(exc):
+                    raise
+                now = time.monotonic()
+                if start is None:
+                    start = now
+                    self.say(f"storage {redact(self.url)} unreachable ({type(exc).__name__}); "
+                             f"retrying for up to {OUTAGE_PATIENCE:g} s")
+                if now - start > OUTAGE_PATIENCE:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            if start is not None:
+                self.say(f"storage reachable again after {time.monotonic() - start:.1f} s")
+            return out
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr",
+              "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id",
+              "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+              "get_all_studies", "create_new_trial", "set_trial_param",
+              "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+              "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+              "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials",
+              "get_n_trials", "get_best_trial", "record_heartbeat", "_get_trials",
+              "_get_stale_trial_ids"):
+    setattr(ResilientRDBStorage, _name,
+            (lambda name: lambda self, *a, **k: self._call(name, *a, **k))(_name))
+
+
 def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseStorage:
     """None → journal file runs/<name>/optuna.log; sqlite:/// or postgresql:// → RDB storage
     with heartbeats and retries of trials whose worker died. Unreachable → GanbenchError."""
@@ -113,7 +174,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
     for attempt in range(3):
         try:
             with quiet_warnings():
-                return optuna.storages.RDBStorage(
+                return ResilientRDBStorage(
                     _sqlalchemy_url(url),
                     heartbeat_interval=int(math.ceil(spec.heartbeat.interval)),
                     grace_period=int(math.ceil(spec.heartbeat.grace)),

@@ -70,6 +70,15 @@ class Postgres:
                     f"{self.port}/ganbench")
         return f"postgresql://postgres@127.0.0.1:{self.port}/ganbench"
 
+    def halt(self) -> None:
+        """Stop the server, keeping its data (a restart follows with ``resume``)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"),
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "-w",
+                  "start")
+
     def stop(self) -> None:
         try:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")

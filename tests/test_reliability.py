@@ -310,3 +310,35 @@ def test_a_dead_remote_worker_is_recovered_by_the_other_while_it_runs(tmp_path, 
     retry = [t for t in counted if t.user_attrs.get("retry_of") == lost[0].number]
     assert len(retry) == 1 and retry[0].params == lost[0].params
     assert retry[0].user_attrs["retry_reason"] == "worker died (no heartbeat)"
+
+
+def test_a_database_restart_mid_sweep_loses_nothing(tmp_path):
+    """PostgreSQL stops for about 10 s while two workers train, then starts again: the
+    sweep waits it out and completes exactly N counted trials, each once, and says so."""
+    from tests.services import Postgres
+
+    server = Postgres().start()
+    try:
+        spec = write_spec(tmp_path, name="restart", trials=6, train=SLOWER,
+                          storage=server.url)
+        proc = start(["sweep", str(spec), "--workers", "2"], tmp_path)
+        storage = get_storage(StudySpec.model_validate(
+            {"name": "restart", "target": {"name": "ring"}, "storage": server.url}))
+
+        def busy() -> bool:
+            trials = optuna.load_study(study_name="restart", storage=storage).get_trials()
+            return any(t.state == TrialState.COMPLETE for t in trials) and \
+                any(t.state == TrialState.RUNNING for t in trials)
+
+        wait_for(busy)
+        server.halt()
+        time.sleep(10)
+        server.resume()
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "unreachable" in out and "reachable again after" in out
+        study = optuna.load_study(study_name="restart", storage=storage)
+        assert_complete_study(study, 6)
+        assert len(study.get_trials()) == 6  # each trial once: none lost, none repeated
+    finally:
+        server.stop()
