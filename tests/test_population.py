@@ -179,3 +179,26 @@ def test_population_sweep_logs_each_member_as_sequential_mode_does(tmp_path, mlf
                                                                    "sliced_w1"))
         # Seed 1's curve follows seed 0's, as in sequential mode (unless pruned).
         assert steps == [20, 40, 60, 80] if t.state.name == "COMPLETE" else steps[0] == 20
+
+
+def test_members_with_different_evaluation_samples_train_together():
+    """eval_samples is part of the bucket key: members evaluated on 300 and 500 samples
+    used to crash the stacking of their evaluation noise."""
+    configs = members(steps=20, eval_every=10)[:2]
+    configs[1].eval_samples = 300
+    for config, result in zip(configs, train_population(configs, streams="member")):
+        assert_same(train(config), result)
+
+
+def test_a_members_own_error_fails_that_member_alone():
+    configs = members(steps=40, eval_every=20)
+
+    def on_eval(member, step, row):
+        if member == 1 and step == 20:
+            raise ConnectionError("tracking server went away")
+
+    results = train_population(configs, on_eval=on_eval, streams="member")
+    assert results[1].status == "error" and isinstance(results[1].error, ConnectionError)
+    assert "tracking server went away" in results[1].reason
+    assert [r.status for i, r in enumerate(results) if i != 1] == ["completed"] * 3
+    assert_same(train(configs[2]), results[2])

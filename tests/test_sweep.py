@@ -261,3 +261,52 @@ def test_status_of_a_study_that_never_ran(in_tmp):
     proc = ganbench("status", str(write_spec(in_tmp)), cwd=in_tmp)
     assert proc.returncode == 2 and "no study found" in proc.stderr
     assert not (in_tmp / "runs").exists()
+
+
+def test_service_failures_are_not_the_trials_fault():
+    """What counts against a trial: its own exceptions; not a storage or tracking outage."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from ganbench.recovery import is_infrastructure
+
+    def raised(make):
+        try:
+            try:
+                raise make()
+            except Exception as inner:
+                raise RuntimeError("while logging") from inner
+        except RuntimeError as outer:
+            return outer
+
+    assert is_infrastructure(sqlalchemy.exc.OperationalError("SELECT 1", {}, OSError()))
+    assert is_infrastructure(requests.ConnectionError("refused"))
+    assert is_infrastructure(MlflowException("server error"))
+    assert is_infrastructure(raised(lambda: ConnectionRefusedError()))  # through a cause
+    assert not is_infrastructure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_infrastructure(ValueError("nan in loss"))
+
+
+def test_a_trial_failed_by_a_service_is_requeued_not_counted(tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    from ganbench.recovery import count_trials
+    from ganbench.sweep import _fault
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(storage=storage, study_name="s")
+    own, service = study.ask(), study.ask()
+    for trial in (own, service):
+        trial.suggest_float("lr_g", 1e-4, 1e-2, log=True)
+    assert _fault(study, own, None, ValueError("a bug")).state == TrialState.FAIL
+    _fault(study, service, None, ConnectionError("storage went away"))
+    trials = study.get_trials()
+    assert trials[0].user_attrs["fail_kind"] == "trial"
+    assert trials[1].user_attrs["fail_kind"] == "infrastructure"
+    assert trials[1].user_attrs["fail_reason"].startswith("storage or tracking error")
+    assert count_trials(trials) == (1, 0)  # only the trial's own failure counts
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == service.number
