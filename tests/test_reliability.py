@@ -293,8 +293,9 @@ def test_a_dead_remote_worker_is_recovered_by_the_other_while_it_runs(tmp_path, 
     except TimeoutError:
         victim.kill()
         survivor.kill()
+        states = [(t.number, t.state, t.user_attrs) for t in study.get_trials()]
         raise AssertionError(f"{victim.communicate()} {survivor.communicate()} "
-                             f"{[(t.number, t.state, t.user_attrs) for t in study.get_trials()]}")
+                             f"{states}") from None
     victim.kill()
     victim.wait()
     out, err = survivor.communicate(timeout=600)
