@@ -33,6 +33,10 @@ def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSample
     if name == "grid":
         space = {k: d.values() for k, d in spec.search.items()}
         return cls(space, seed=seed, **opts)
+    if name == "tpe" and spec.execution.mode == "population":
+        # K trials are asked before any is told: without a lie for the running ones, TPE
+        # draws them all from the same posterior and they bunch up (benchmarks/).
+        opts.setdefault("constant_liar", True)
     return cls(seed=seed, **opts)
 
 
