@@ -30,6 +30,7 @@ import argparse
 import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -206,6 +207,33 @@ def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
     return rows
 
 
+def headline(device: torch.device, pool: mp.pool.Pool, n_pool: int, steps: int, k: int,
+             rounds: int) -> float:
+    """The same-shape K=k population against naive sequential and the process pool,
+    measured in ``rounds`` interleaved rounds (seq, pool, population, seq, …) so that a
+    machine's drift hits all three alike; prints each round and the median ratios with
+    their range, returns the median ratio to sequential."""
+    members = configs("d1", k, steps, str(device))
+    naive, batch = members[:4], members[:max(n_pool, 4)]
+    print(f"\n## headline: same shape K={k}, {steps} G steps, {rounds} interleaved rounds")
+    print(f"{'round':>6}{'seq G-it/s':>12}{'pool G-it/s':>13}{'K G-it/s':>10}{'vs seq':>9}"
+          f"{'vs pool':>9}")
+    vs_seq, vs_pool = [], []
+    for r in range(1, rounds + 1):
+        seq = len(naive) * steps / timed(lambda: [train(c) for c in naive], device)
+        pl = len(batch) * steps / timed(
+            lambda: pool.map(_pool_train, batch, chunksize=1), device)
+        pop = len(members) * steps / timed(lambda: train_population(members), device)
+        vs_seq.append(pop / seq)
+        vs_pool.append(pop / pl)
+        print(f"{r:>6}{seq:>12.0f}{pl:>13.0f}{pop:>10.0f}{pop / seq:>8.2f}x{pop / pl:>8.2f}x",
+              flush=True)
+    med_seq, med_pool = statistics.median(vs_seq), statistics.median(vs_pool)
+    print(f"median: {med_seq:.2f}x sequential (range {min(vs_seq):.2f}–{max(vs_seq):.2f}), "
+          f"{med_pool:.2f}x the pool (range {min(vs_pool):.2f}–{max(vs_pool):.2f})")
+    return med_seq
+
+
 def metrics_share(device: torch.device, steps: int, every: int) -> None:
     """Share of a population's wall time spent in metrics, with a study's evaluation
     schedule: sliced W1 and modes on 2500 samples every ``every`` steps, exact W1 at the end."""
@@ -233,7 +261,12 @@ def main() -> None:
                         help="worker processes of the naive pool (default: CPU cores; 4 "
                              "sharing a GPU)")
     parser.add_argument("--quick", action="store_true", help="fewer steps, K up to 16")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the headline measurement")
+    parser.add_argument("--only", choices=["d1", "d5", "mixed", "pacgan", "metrics"],
+                        action="append", help="run only these scenarios (and the headline)")
     args = parser.parse_args()
+    only = set(args.only or ["d1", "d5", "mixed", "pacgan", "metrics"])
     device = resolve_device(args.device)
     tune_allocator()  # for every mode alike: the comparison measures batching alone
     cuda = device.type == "cuda"
@@ -253,20 +286,25 @@ def main() -> None:
         pool.map(_pool_train, warm, chunksize=1)   # imports and first calls, not timed
         train(warm[0])  # this process's first calls, not timed either
         train_population(warm[:2])
-        same = run_scenario("d1", "same shape, H=128, noise 8, batch 256, d_steps 1", steps,
-                            ks, 4, device, pool, n_pool, peak)
-        run_scenario("d5", "same shape, H=128, noise 8, batch 256, d_steps 5",
-                     max(steps // 4, 10), ks, 4, device, pool, n_pool, peak)
-        # A mixed population's rate depends on its members: every mode trains the same ones.
-        run_scenario("mixed", "mixed, H 32..512, noise 2..128, d_steps 1..5",
-                     max(steps // 4, 10), [max(ks)], 0, device, pool, n_pool, peak)
-        run_scenario("pacgan", "PacGAN's architecture: G 4×400 batch norm, maxout D 3×200×5, "
-                     "batch 100", max(steps // 4, 10), [k for k in ks if k <= 16], 4, device,
-                     pool, n_pool, peak)
-    # The shipped mog study's schedule (1500 steps, evaluated every 250).
-    metrics_share(device, 250 if args.quick else 1500, 50 if args.quick else 250)
-    k = 64 if 64 in ks else max(ks)
-    print(f"\npopulation speedup vs sequential at K={k}: {same[f'K={k}'] / same['seq']:.2f}x")
+        if "d1" in only:
+            run_scenario("d1", "same shape, H=128, noise 8, batch 256, d_steps 1", steps,
+                         ks, 4, device, pool, n_pool, peak)
+        if "d5" in only:
+            run_scenario("d5", "same shape, H=128, noise 8, batch 256, d_steps 5",
+                         max(steps // 4, 10), ks, 4, device, pool, n_pool, peak)
+        if "mixed" in only:
+            # A mixed population's rate depends on its members: every mode trains the same.
+            run_scenario("mixed", "mixed, H 32..512, noise 2..128, d_steps 1..5",
+                         max(steps // 4, 10), [max(ks)], 0, device, pool, n_pool, peak)
+        if "pacgan" in only:
+            run_scenario("pacgan", "PacGAN's architecture: G 4×400 batch norm, maxout D "
+                         "3×200×5, batch 100", max(steps // 4, 10),
+                         [k for k in ks if k <= 16], 4, device, pool, n_pool, peak)
+        k = 64 if 64 in ks else max(ks)
+        speedup = headline(device, pool, n_pool, steps, k, args.rounds)
+    if "metrics" in only:  # the shipped mog study's schedule (1500 steps, every 250)
+        metrics_share(device, 250 if args.quick else 1500, 50 if args.quick else 250)
+    print(f"\npopulation speedup vs sequential at K={k}: {speedup:.2f}x")
 
 
 if __name__ == "__main__":
