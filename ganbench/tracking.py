@@ -46,6 +46,9 @@ def _client(uri: str):
 
 
 STUDY_TAG = "ganbench.study"
+# MLflow's UI opens an experiment by its kind: without this tag, MLflow 3 opens a new one in
+# its GenAI view (traces), where runs are hidden behind a toggle.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 ROLE_TAG = "ganbench.role"
 
 
@@ -120,7 +123,10 @@ class Tracker:
         client = _client(uri)
         try:
             exp = client.get_experiment_by_name(spec.name)
-            exp_id = exp.experiment_id if exp else client.create_experiment(spec.name)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                spec.name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            if exp is not None and exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
             run_id = _find_or_create(client, exp_id, spec.name, {ROLE_TAG: role,
                                      STUDY_TAG: spec.name} | tags, raw_spec)
         except GanbenchError:

@@ -40,6 +40,9 @@ def test_one_parent_and_one_child_per_trial(tracked_sweep):
     parents = [r for r in runs if r.data.tags.get("ganbench.role") == "study"]
     children = [r for r in runs if r.data.tags.get("ganbench.role") == "trial"]
     assert len(parents) == 1 and len(children) == 4
+    # MLflow's UI opens the experiment on its runs, not on an empty GenAI traces page.
+    assert client.get_experiment_by_name("tracked").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["sampler"] == "random"
     assert "best.w1" in parent.data.metrics and parent.data.params["train.steps"] == "40"
