@@ -208,6 +208,24 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _finished_lines(study, seen: set[int], total: int) -> None:
+    """One line per trial finished since the last call: number, state, objective, duration
+    (for logs, where a progress bar shows nothing until the end)."""
+    from ganbench.recovery import count_trials
+
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.number in seen or not t.state.is_finished():
+            continue
+        seen.add(t.number)
+        took = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else 0.0
+        what = ", ".join(f"{v:.4g}" for v in t.values) if t.values else \
+            t.user_attrs.get("fail_reason", "")
+        console.print(f"trial {t.number} {t.state.name} {what} ({took:.1f} s) · "
+                      f"{count_trials(trials)[0]}/{total} counted", highlight=False)
+
+
 def _status_line(snap) -> str:
     best = f"best {snap.best[0]:.4g}" if snap.best else "best –"
     running = ", ".join(f"#{t.number}@{t.user_attrs.get('device', '?')}" for t in snap.running)
@@ -242,11 +260,14 @@ def sweep_cmd(
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(plan.devices)} worker(s) on "
                   f"{', '.join(sorted(set(plan.devices)))} · {how}")
+    seen = {t.number for t in plan.study.get_trials(deepcopy=False) if t.state.is_finished()}
     with _progress() as progress:
         task = progress.add_task("trials", total=spec.trials, info="")
 
         def on_poll(snap) -> None:
             progress.update(task, completed=min(snap.done, snap.total), info=_status_line(snap))
+            if not console.is_terminal:  # a log file: one line per finished trial instead
+                _finished_lines(plan.study, seen, spec.trials)
 
         try:
             run_sweep(plan, on_poll)
@@ -385,7 +406,7 @@ def compare_cmd(
                   + ("fixed configurations" if spec.mode == "fixed" else
                      f"tune: budget {spec.budget.label()} per arm")
                   + f" · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
-    step = iter(range(1, 2 * n + 1))
+    step = iter(range(1, 4 * n + 1))  # each arm: tuning, its end, held-out runs, their end
     result = compare.run(spec, device_list,
                          lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
     for target, sub in result.table.groupby("target", sort=False):

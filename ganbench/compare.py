@@ -213,6 +213,10 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
                                        study_spec.trials, None,
                                        tracker.handle if tracker else None)
             pool.map(workers.run_worker, jobs)
+            if on_step:
+                trials = study.get_trials(deepcopy=False)
+                on_step(f"{target.name} · {arm}: tuning done "
+                        f"({_tuning_progress(spec, trials)})")
     status, params, key = _arm_state(spec, study_spec, study)
     if params is None:  # nothing to retrain: named as untuned, left out of the tests
         if on_step:
@@ -240,6 +244,9 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
     if jobs:  # wall time of the held-out runs (members of a population share it)
         study.set_user_attr("heldout_wall_seconds", study.user_attrs.get(
             "heldout_wall_seconds", 0.0) + time.perf_counter() - start)
+        if on_step:
+            on_step(f"{target.name} · {arm}: held-out seeds done ({len(seeds)}/{len(seeds)}, "
+                    f"{time.perf_counter() - start:.0f} s)")
     chosen = {s: done_seeds[s] for s in seeds}
     if tracker:  # the arm's run ends with its held-out means
         means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
