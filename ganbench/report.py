@@ -297,8 +297,8 @@ def best_samples_grid(study: Any, frame: "pd.DataFrame", out: Path, top: int = 8
 HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;
-text-align:right}}img{{max-width:100%;border:1px solid #eee;margin:6px 0}}
+table{{border-collapse:collapse;font-size:13px;max-width:100%}}td,th{{border:1px solid #ccc;
+padding:3px 6px;text-align:right;vertical-align:top}}img{{max-width:100%;border:1px solid #eee;margin:6px 0}}
 figcaption{{color:#555;font-size:13px}}</style></head>
 <body><h1>{title}</h1><p>{summary}</p>{body}</body></html>
 """
@@ -430,6 +430,44 @@ def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
     _save(fig, path)
 
 
+def compare_html(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
+                 power: str = "") -> str:
+    """The comparison's results as HTML tables: per target, arms × metrics with mean ± s.e.,
+    the shift from the baseline with its interval and Holm-adjusted p, the best arm per
+    metric (rank 1) in bold; then the compute each arm used."""
+    esc = html.escape
+    parts = [f"<p>{esc(power)}</p>"] if power else []
+    for target, sub in table.groupby("target", sort=False):
+        metrics = list(dict.fromkeys(sub["metric"]))
+        head = "".join(f"<th>{esc(m)} {esc(METRICS[m].arrow)}</th>" for m in metrics)
+        rows = []
+        for arm, group in sub.groupby("arm", sort=False):
+            cells = []
+            for m in metrics:
+                r = group[group["metric"] == m].iloc[0]
+                value = esc(summary(r, se_only=True))
+                if int(r["rank"]) == 1:
+                    value = f"<strong>{value} ★</strong>"
+                if arm != baseline:
+                    value += (f"<br><small>Δ {esc(_g(r['shift']))} [{esc(_g(r['shift_low']))}, "
+                              f"{esc(_g(r['shift_high']))}] p={esc(_g(r['p_holm'], 2))}</small>")
+                cells.append(f"<td>{value}</td>")
+            name = f"{esc(arm)} (baseline)" if arm == baseline else esc(arm)
+            rows.append(f"<tr><th>{name}</th>{''.join(cells)}</tr>")
+        untuned = arms[(arms["target"] == target) & arms["status"].str.startswith("untuned")]
+        for row in untuned.itertuples(index=False):
+            rows.append(f"<tr><th>{esc(row.arm)}</th><td colspan='{len(metrics)}'>"
+                        f"{esc(row.status)}: left out of the tests</td></tr>")
+        parts.append(f"<h3>{esc(str(target))}</h3><p>Held-out mean ± s.e.; ★ best; Δ: "
+                     f"Hodges–Lehmann shift from {esc(baseline)} [95% bootstrap CI], exact "
+                     "rank-sum p, Holm-adjusted.</p>"
+                     f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>")
+    compute = arms.rename(columns=lambda c: c.replace("_", " "))
+    parts.append("<h3>compute per arm</h3>" + compute.to_html(
+        index=False, float_format=lambda v: f"{v:.4g}", na_rep=""))
+    return "\n".join(parts)
+
+
 def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.DataFrame",
                          baseline: str, references: dict[str, Any],
                          samples: dict[tuple[str, str], Any], out_dir: str | os.PathLike,
@@ -448,7 +486,7 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
         compare_boxplots(runs, metric, out / f"box_{metric}.png")
         figures.append((f"box_{metric}.png", f"{metric} over held-out seeds"))
     targets = list(dict.fromkeys(runs["target"]))
-    arms = list(dict.fromkeys(runs["arm"]))
+    arms_frame, arms = arms, list(dict.fromkeys(runs["arm"]))
     panels = []
     for arm in arms:
         for target in targets:
@@ -462,7 +500,7 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
         save_samples_grid(out / "samples.png", panels, columns=len(targets))
         figures.append(("samples.png", "Generated samples of the first held-out seed: "
                         "one row per arm"))
-    sections = [("Results", f"<pre>{html.escape(markdown)}</pre>"
+    sections = [("Results", compare_html(table, arms_frame, baseline, power) +
                  "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-seed values: "
                  "<a href='runs.csv'>runs.csv</a>.</p>")]
     sections += [(caption, figure(f, caption)) for f, caption in figures]

@@ -233,6 +233,10 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     for name in ("compare.md", "index.html", "box_w1.png", "samples.png"):
         assert (out / name).stat().st_size > 0
     assert "plain (baseline)" in (out / "compare.md").read_text()
+    page = (out / "index.html").read_text()  # the results as HTML tables, best marked
+    assert "<pre>" not in page and page.count("<table") == 2 and "plain (baseline)" in page
+    n_metrics = table[table["arm"] == "plain"]["metric"].nunique()
+    assert n_metrics <= page.count("★") <= 3 * n_metrics  # rank 1 per metric (ties share)
     # Resumes like a sweep: a rerun trains nothing new and gives the same table.
     again = ganbench("compare", str(write(tmp_path)), cwd=tmp_path)
     assert again.returncode == 0
