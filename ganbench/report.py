@@ -298,7 +298,8 @@ HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px;max-width:100%}}td,th{{border:1px solid #ccc;
-padding:3px 6px;text-align:right;vertical-align:top}}img{{max-width:100%;border:1px solid #eee;margin:6px 0}}
+padding:3px 6px;text-align:right;vertical-align:top}}
+img{{max-width:100%;border:1px solid #eee;margin:6px 0}}
 figcaption{{color:#555;font-size:13px}}</style></head>
 <body><h1>{title}</h1><p>{summary}</p>{body}</body></html>
 """
