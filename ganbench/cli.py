@@ -305,6 +305,125 @@ def worker_cmd(
     console.print(f"worker done: ran {ran} trial(s)")
 
 
+SAMPLE_FORMATS = (".csv", ".npy", ".png")
+
+
+@app.command("sample")
+def sample_cmd(
+    source: str = typer.Argument(..., help="An MLflow run id, a study file (with --trial) or "
+                                 "a generator checkpoint (.pt).", show_default=False),
+    trial: Optional[int] = typer.Option(None, "--trial", help="Trial number of the study."),
+    n: int = typer.Option(1000, "--n", min=1, help="Samples to draw."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the samples: .csv, .npy, "
+                                       "or .png (a scatter over the target)."),
+    metrics: bool = typer.Option(False, "--metrics", help="Recompute the trial's final "
+                                 "metrics from the reloaded generator."),
+    sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
+    tracking_uri: Optional[str] = TrackingOpt,
+) -> None:
+    """Draw samples from a trained generator (a completed trial's, kept by every sweep)."""
+    import tempfile
+
+    from ganbench.errors import GanbenchError
+
+    if out is not None:  # a bad destination fails before anything is loaded
+        if out.suffix.lower() not in SAMPLE_FORMATS:
+            raise GanbenchError(f"--out {out}: expected a {', '.join(SAMPLE_FORMATS)} file")
+        parent = out.resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise GanbenchError(f"--out {out}: folder {parent} does not exist or is not "
+                                "writable")
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _generator_file(source, trial, sets, storage, tracking_uri, Path(tmp))
+        from ganbench.train import load_checkpoint, rescore, sample_generator
+
+        config, g, data = load_checkpoint(path)
+    label = f"trial {data['trial']} of {data['study']}" if "trial" in data else str(source)
+    x = sample_generator(config, g, n, seed).numpy()
+    console.print(f"{label}: {n} samples of {config.target} (seed {seed}), mean "
+                  f"{np.array2string(x.mean(0), precision=3)}")
+    if metrics:
+        again = rescore(config, g)
+        console.print(_metrics_table(again, "metrics recomputed from the saved generator"))
+        same = all(again[k] == v for k, v in data["metrics"].items() if k in again)
+        console.print("identical to the metrics the run logged" if same else
+                      "[yellow]differs from the metrics the run logged (another device or "
+                      "library version?)[/]")
+    if out is not None:
+        _write_samples(out, x, config)
+        console.print(f"wrote {out}")
+
+
+def _generator_file(source: str, trial: int | None, sets: list[str], storage: str | None,
+                    tracking_uri: str | None, tmp: Path) -> Path:
+    """The checkpoint file ``source`` names: a .pt file, a study's trial (kept beside the
+    study, or in its MLflow run), or an MLflow run id."""
+    from ganbench.errors import GanbenchError
+    from ganbench.tracking import download_generator, resolve_uri
+
+    path = Path(source)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise GanbenchError(f"{source}: no such checkpoint file")
+        return path
+    if path.suffix in (".yaml", ".yml"):
+        if trial is None:
+            raise GanbenchError(f"{source} is a study: name its trial with --trial N")
+        from ganbench.spec import load_spec
+        from ganbench.study import open_study
+
+        spec = load_spec(path, _overrides(sets, storage=storage, tracking__uri=tracking_uri))
+        study = open_study(spec, create=False)
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if trial not in trials:
+            raise GanbenchError(f"study {spec.name} has no trial {trial} (it has "
+                                f"{len(trials)}: 0–{len(trials) - 1})")
+        t = trials[trial]
+        if t.state.name != "COMPLETE":
+            raise GanbenchError(f"trial {trial} of {spec.name} is {t.state.name}: only "
+                                "completed trials keep a generator")
+        kept = t.user_attrs.get("checkpoint")
+        if kept and Path(kept).is_file():
+            return Path(kept)
+        if "mlflow_run_id" not in t.user_attrs or spec.tracking is False:
+            raise GanbenchError(f"trial {trial} of {spec.name} kept no generator (trained "
+                                "before generators were kept, or its file was removed)")
+        return download_generator(resolve_uri(spec.tracking.uri), t.user_attrs["mlflow_run_id"],
+                                  tmp)
+    if trial is not None:
+        raise GanbenchError("--trial goes with a study file, not an MLflow run id")
+    return download_generator(resolve_uri(tracking_uri), source, tmp)
+
+
+def _write_samples(out: Path, x: "np.ndarray", config) -> None:
+    """Samples to .csv / .npy / .png, whole or not at all."""
+    import numpy as np
+
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    suffix = out.suffix.lower()
+    if suffix == ".csv":
+        header = ",".join(f"x{i}" for i in range(x.shape[1]))
+        np.savetxt(tmp, x, delimiter=",", header=header, comments="")
+    elif suffix == ".npy":
+        with open(tmp, "wb") as fh:
+            np.save(fh, x)
+    else:
+        from ganbench.report import save_samples_png
+        from ganbench.targets import get_target
+
+        target = get_target(config.target, **config.target_params)
+        import torch
+
+        reference = target.sample(2000, torch.Generator().manual_seed(config.eval_seed))
+        save_samples_png(tmp, x, reference.numpy(),
+                         None if target.centers is None else target.centers.numpy(),
+                         f"{config.target}: generated (blue) over target (grey)")
+    tmp.replace(out)
+
+
 @app.command("status")
 def status_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,

@@ -86,7 +86,9 @@ def sliced_w1(
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     px, _ = (x @ dirs).sort(dim=0)
     py, _ = (y @ dirs).sort(dim=0)
-    return float((px - py).abs().mean())
+    # numpy's pairwise sum: the same value whatever torch's thread count (a parallel
+    # reduction's order depends on it, and a reloaded generator must score bit-identically).
+    return float((px - py).abs().numpy().mean())
 
 
 def hq_threshold(dim: int) -> float:

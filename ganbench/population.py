@@ -49,6 +49,7 @@ from ganbench.train import (
     TrainResult,
     build_models,
     built_config,
+    cpu_state,
     diverged_metrics,
     eval_sample,
     train,
@@ -495,6 +496,37 @@ class _Bucket:
             for key, t in sub.items():
                 self.T[key].index_copy_(0, idx, t)
 
+    def generator_state(self, pos: int, net: str) -> dict[str, torch.Tensor]:
+        """Member ``pos``'s generator (``net`` "g", or "ema" for its EMA copy) as the state
+        dict of the ``Generator`` that ``train`` builds (CPU)."""
+        m = self.members[pos]
+        g, _ = build_models(m.built, m.target)
+        g.to(dtype=self.dtype)
+        nz = m.config.noise_dim  # the padded noise rows are not the member's
+        with torch.no_grad():
+            for i, (lin, bn) in enumerate(_layers(g)):
+                w = self.T[f"{net}.w.{i}"][pos]
+                w = (w[:nz] if i == 0 else w).t()
+                if self.sn["g"]:
+                    p = lin.parametrizations.weight
+                    p.original.copy_(w)
+                    v = self.T[f"{net}.v.{i}"][pos]
+                    p[0]._u.copy_(self.T[f"{net}.u.{i}"][pos])
+                    p[0]._v.copy_(v[:nz] if i == 0 else v)
+                else:
+                    lin.weight.copy_(w)
+                if bn is None:
+                    lin.bias.copy_(self.T[f"{net}.b.{i}"][pos][0])
+                    continue
+                bn.weight.copy_(self.T[f"{net}.a.{i}"][pos][0])
+                bn.bias.copy_(self.T[f"{net}.b.{i}"][pos][0])
+                bn.running_mean.copy_(self.T[f"{net}.rm.{i}"][pos][0])
+                bn.running_var.copy_(self.T[f"{net}.rv.{i}"][pos][0])
+                if net == "g":  # training-mode forwards of G: every D step's and G step's
+                    bn.num_batches_tracked.fill_(m.d_count + (0 if self.simultaneous
+                                                              else m.g_count))
+        return cpu_state(g)
+
     def keep(self, keep: list[int]) -> None:
         """Drop every member not in ``keep`` (finished, pruned or diverged)."""
         idx = torch.tensor(keep, device=self.device, dtype=torch.long)
@@ -575,10 +607,17 @@ def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None
     def finish(m: _Member, status: str, reason: str, step: int) -> None:
         metrics = diverged_metrics(m.target) if status == "diverged" else m.metrics
         samples = m.samples if m.samples is not None else torch.empty(0, m.target.dim)
+        generator = online = None
+        if status == "completed":  # its final generator, as train returns it
+            pos = b.members.index(m)
+            ema = "ema" in b.tricks
+            generator = b.generator_state(pos, "ema" if ema else "g")
+            online = b.generator_state(pos, "g") if ema else None
         results[m.index] = TrainResult(
             config=m.config, status=status, steps=step, metrics=metrics, history=m.history,
             samples=samples, reference=m.reference.float(), reason=reason,
-            seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds)
+            seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds,
+            generator=generator, online=online)
 
     step = 0
     sim = int(b.simultaneous)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
@@ -43,7 +46,7 @@ from ganbench.recovery import (
 from ganbench.report import points
 from ganbench.spec import StudySpec
 from ganbench.study import open_study, quiet_warnings, run_dir
-from ganbench.train import TrainResult, train
+from ganbench.train import TrainResult, save_checkpoint, train
 
 
 # ---------------------------------------------------------------- the objective
@@ -165,6 +168,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
           results: list[TrainResult], run) -> TrialOutcome:
     storage = study._storage
     state, reason, values, mean = TrialState.COMPLETE, "", None, {}
+    checkpoint = None
     for unit, used in compute_used(results).items():
         storage.set_trial_user_attr(trial._trial_id, unit, used)
     if results and results[0].samples.numel():
@@ -184,6 +188,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
         storage.set_trial_user_attr(trial._trial_id, "metrics", mean)
         if spec.seeds > 1:
             storage.set_trial_user_attr(trial._trial_id, "seed_metrics", seeds_metrics)
+        checkpoint = _keep_generator(study, trial, spec, results[0])
         study.tell(trial, values)
     elif state == TrialState.PRUNED:
         study.tell(trial, state=TrialState.PRUNED)
@@ -193,8 +198,30 @@ def _tell(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
         final = {f"objective.{o.metric}": v for o, v in zip(spec.objectives, values or [])}
         if spec.seeds > 1 and state == TrialState.COMPLETE:
             final |= {f"mean.{k}": v for k, v in mean.items()}
-        run.end(state, final, reason, last)
+        run.end(state, final, reason, last, checkpoint=checkpoint)
+    if checkpoint is not None and spec.storage is not None:  # it was MLflow's copy only
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return TrialOutcome(trial.number, state, values, reason)
+
+
+def generator_path(spec: StudySpec, number: int) -> Path:
+    """Where a trial's final generator is kept beside a local (journal) study."""
+    return run_dir(spec) / "generators" / f"trial-{number}.pt"
+
+
+def _keep_generator(study: optuna.Study, trial: optuna.Trial, spec: StudySpec,
+                    result: TrainResult) -> Path | None:
+    """Save the first seed's final generator (with its config and metrics): beside the
+    study's journal with the local defaults, else in a temporary file for MLflow alone.
+    The path is recorded on the trial."""
+    if result.generator is None:
+        return None
+    path = generator_path(spec, trial.number) if spec.storage is None else \
+        Path(tempfile.mkdtemp(prefix="ganbench-")) / f"trial-{trial.number}.pt"
+    save_checkpoint(path, result, study=spec.name, trial=trial.number)
+    if spec.storage is None:
+        study._storage.set_trial_user_attr(trial._trial_id, "checkpoint", str(path.resolve()))
+    return path
 
 
 def compute_used(results: Sequence[TrainResult]) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 # MLflow prints "View run … at <tracking URL>" whenever a run ends: it breaks the progress
 # display, and would print the credentials of a tracking URL that carries them.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line output
 
 
 def _client(uri: str):
@@ -46,6 +48,7 @@ def _client(uri: str):
 
 
 STUDY_TAG = "ganbench.study"
+GENERATOR_ARTIFACT = "generator.pt"  # a trial's final generator, as train.save_checkpoint
 # MLflow's UI opens an experiment by its kind: without this tag, MLflow 3 opens a new one in
 # its GenAI view (traces), where runs are hidden behind a toggle.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -292,8 +295,9 @@ class TrialRun:
         self.pending, self.flushed = [], time.time()
 
     def end(self, state, final: dict[str, float], reason: str, result=None,
-            killed: bool = False) -> None:
-        """Final metrics, tags, samples PNG and config artifacts, terminal status."""
+            killed: bool = False, checkpoint: Path | None = None) -> None:
+        """Final metrics, tags, samples PNG, config and generator artifacts, terminal
+        status."""
         def finish() -> None:
             from mlflow.entities import RunTag
 
@@ -321,6 +325,8 @@ class TrialRun:
                                      result.reference.numpy(),
                                      None if tgt.centers is None else tgt.centers.numpy(),
                                      f"trial {self.trial_number} · {state.name.lower()}")
+                if checkpoint is not None:  # the final generator (ganbench sample reads it)
+                    shutil.copyfile(checkpoint, Path(tmp) / GENERATOR_ARTIFACT)
                 self.client.log_artifacts(self.run_id, tmp)
             status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}[state.name]
             self.client.set_terminated(self.run_id, "KILLED" if killed else status)
@@ -338,6 +344,22 @@ class TrialRun:
                 self.warned = True
                 print(f"warning: tracking: trial {self.trial_number}: logging failed "
                       f"({_one_line(exc)}); training goes on", file=sys.stderr)
+
+
+def download_generator(uri: str, run_id: str, dest: str | Path) -> Path:
+    """The final generator logged with MLflow run ``run_id``, downloaded into ``dest``.
+    GanbenchError (one line) for an unknown run or a run without one."""
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise GanbenchError(f"no MLflow run {run_id!r} at {uri}") from None
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if GENERATOR_ARTIFACT not in names:
+        state = run.data.tags.get("state", run.info.status)
+        raise GanbenchError(f"MLflow run {run_id} has no generator (its trial is {state}: "
+                            "only completed trials keep one)")
+    return Path(client.download_artifacts(run_id, GENERATOR_ARTIFACT, str(dest)))
 
 
 def _find_or_create(client, exp_id: str, name: str, tags: dict[str, str],

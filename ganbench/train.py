@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,6 +19,7 @@ from ganbench import metrics as M
 from ganbench.config import DTYPES as CONFIG_DTYPES
 from ganbench.config import TrainConfig
 from ganbench.devices import resolve_device
+from ganbench.errors import GanbenchError
 from ganbench.losses import get_loss
 from ganbench.models import Discriminator, Generator, init_normal
 from ganbench.targets import Target, get_target, training_data
@@ -42,6 +44,9 @@ class TrainResult:
     seconds: float = 0.0                      # wall time of the run
     eval_seconds: float = 0.0                 # part of it spent in metrics
     error: Exception | None = None            # status "error": what was raised
+    generator: dict[str, torch.Tensor] | None = None  # the evaluated G's final state (CPU;
+                                              # the EMA copy when that trick is on)
+    online: dict[str, torch.Tensor] | None = None     # with EMA: the trained G's state
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready final metrics with status and steps."""
@@ -238,8 +243,69 @@ def train(
 
     if status == "diverged":
         last = diverged_metrics(target)
+    g_eval = next((m for t in tricks if (m := t.eval_generator(g)) is not None), g)
     return TrainResult(
         config=config, status=status, steps=step, metrics=last, history=history,
         samples=samples, reference=reference.float(), reason=reason,
         seconds=time.perf_counter() - start, eval_seconds=eval_seconds,
+        generator=cpu_state(g_eval) if status == "completed" else None,
+        online=cpu_state(g) if status == "completed" and g_eval is not g else None,
     )
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict, copied to the CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, result: TrainResult, **extra: Any) -> Path:
+    """The final generator of a completed run, with everything needed to rebuild and
+    score it: the trainer config and the metrics it reached (and ``extra``, e.g. the trial
+    number). Written whole or not at all."""
+    if result.generator is None:
+        raise GanbenchError(f"no generator to save: the run {result.status}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"version": CHECKPOINT_VERSION, "config": result.config.to_dict(),
+                "generator": result.generator, "online": result.online,
+                "metrics": dict(result.metrics), "steps": result.steps} | extra, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[TrainConfig, Generator, dict[str, Any]]:
+    """The config, the generator (CPU, eval mode) and the whole checkpoint of ``path``."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+        config = TrainConfig(**data["config"])
+    except (OSError, KeyError, TypeError, RuntimeError, EOFError) as exc:
+        raise GanbenchError(f"{path}: not a ganbench generator checkpoint ({exc})") from None
+    target = get_target(config.target, **config.target_params)
+    g, _ = build_models(built_config(config), target)
+    g.to(DTYPES[config.dtype]).load_state_dict(data["generator"])
+    return config, g.eval(), data
+
+
+def sample_generator(config: TrainConfig, g: Generator, n: int, seed: int) -> torch.Tensor:
+    """``n`` samples of ``g`` from N(0, I) noise drawn with ``seed`` (CPU, float64)."""
+    z = torch.randn(n, config.noise_dim, generator=torch.Generator().manual_seed(seed))
+    dtype = next(g.parameters()).dtype
+    with torch.no_grad():
+        return g.eval()(z.to(dtype)).to(torch.float64)
+
+
+def rescore(config: TrainConfig, g: Generator) -> dict[str, float]:
+    """The final metrics of a saved generator, recomputed exactly as its run computed them
+    (the same evaluation sample, noise and projections)."""
+    target = get_target(config.target, **config.target_params)
+    dtype = next(g.parameters()).dtype
+    reference, z_eval = eval_sample(config, target, torch.device("cpu"), dtype)
+    with torch.no_grad():
+        samples = g.eval()(z_eval).to("cpu", torch.float64)
+    return M.evaluate(samples, reference, target.centers, target.std, target.weights,
+                      exact=True, generator=torch.Generator().manual_seed(config.eval_seed))

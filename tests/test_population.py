@@ -202,3 +202,17 @@ def test_a_members_own_error_fails_that_member_alone():
     assert "tracking server went away" in results[1].reason
     assert [r.status for i, r in enumerate(results) if i != 1] == ["completed"] * 3
     assert_same(train(configs[2]), results[2])
+
+
+@pytest.mark.parametrize("options", [{}, {"g_norm": "batch", "update": "simultaneous"},
+                                     {"tricks": {"ema": {"decay": 0.9}, "sn": {"g": 1}}}],
+                         ids=["plain", "batch norm", "ema and sn"])
+def test_a_members_final_generator_is_the_one_train_returns(options):
+    configs = members(steps=30, eval_every=15, **options)
+    for config, result in zip(configs, train_population(configs, streams="member")):
+        alone = train(config)
+        assert result.generator.keys() == alone.generator.keys()
+        for key, value in alone.generator.items():
+            assert torch.allclose(result.generator[key].double(), value.double(),
+                                  atol=1e-10, rtol=0), key
+        assert (result.online is None) == (alone.online is None) == ("tricks" not in options)
