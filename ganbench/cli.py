@@ -398,8 +398,8 @@ def _generator_file(source: str, trial: int | None, sets: list[str], storage: st
     return download_generator(resolve_uri(tracking_uri), source, tmp)
 
 
-def _write_samples(out: Path, x: "np.ndarray", config) -> None:
-    """Samples to .csv / .npy / .png, whole or not at all."""
+def _write_samples(out: Path, x, config) -> None:
+    """Samples ``x`` (a numpy array) to .csv / .npy / .png, whole or not at all."""
     import numpy as np
 
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
