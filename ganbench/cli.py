@@ -270,7 +270,7 @@ def sweep_cmd(
                 _finished_lines(plan.study, seen, spec.trials)
 
         try:
-            run_sweep(plan, on_poll)
+            run_sweep(plan, on_poll, lambda line: console.print(line, highlight=False))
         except KeyboardInterrupt:
             progress.stop()
             _leaderboard(spec, plan.study, write=True)

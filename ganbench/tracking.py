@@ -8,6 +8,8 @@ failure to log never stops training: it is reported once per trial.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -194,6 +196,41 @@ class Tracker:
             return
         self.end("FINISHED", metrics, tags)
 
+    def register_generator(self, name: str, generator, example, value: float,
+                           direction: str, tags: dict[str, str]) -> str:
+        """Log ``generator`` (a torch module) with MLflow's PyTorch flavour under this
+        tracker's run and register it as model ``name``, unless the model's latest version
+        scores at least as well (its ``objective`` tag, in ``direction``). Returns a line
+        saying which. The ganbench package travels with the model (``code_paths``), so
+        ``mlflow.pytorch.load_model("models:/<name>/latest")`` needs no install of it."""
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        versions = self.client.search_model_versions(f"name='{name}'")
+        latest = max(versions, key=lambda v: int(v.version)) if versions else None
+        if latest is not None and "objective" in latest.tags:
+            previous = float(latest.tags["objective"])
+            better = value < previous if direction == "minimize" else value > previous
+            if not better:
+                return (f"model {name}: version {latest.version} stays ({previous:.4g}; this "
+                        f"sweep's best is {value:.4g})")
+        import ganbench
+
+        mlflow.set_tracking_uri(self.handle.uri)
+        with torch_no_grad():
+            output = generator(example).numpy()
+        with mlflow.start_run(run_id=self.handle.parent_run_id):
+            info = mlflow.pytorch.log_model(
+                generator, name="generator", input_example=example.numpy(),
+                signature=infer_signature(example.numpy(), output),
+                code_paths=[str(Path(ganbench.__file__).parent)],
+                pip_requirements=[f"torch=={_torch_version()}"])
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Created version" lines
+            version = mlflow.register_model(info.model_uri, name, tags={
+                "objective": repr(value), "direction": direction} | tags)
+        return f"model {name}: registered version {version.version} ({value:.4g})"
+
     def end(self, status: str = "FINISHED", metrics: dict[str, float] | None = None,
             tags: dict[str, str] | None = None) -> None:
         """End this tracker's own run (a comparison's or an arm's) with final metrics."""
@@ -344,6 +381,18 @@ class TrialRun:
                 self.warned = True
                 print(f"warning: tracking: trial {self.trial_number}: logging failed "
                       f"({_one_line(exc)}); training goes on", file=sys.stderr)
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
 
 
 def download_generator(uri: str, run_id: str, dest: str | Path) -> Path:

@@ -9,6 +9,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -265,7 +266,8 @@ def plan_sweep(spec: StudySpec, devices: Sequence[str] | None = None) -> SweepPl
     return SweepPlan(spec, study, tracker, needed_workers(device_list, spec.trials, done))
 
 
-def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None) -> Snapshot:
+def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None,
+              on_event: Callable[[str], None] | None = None) -> Snapshot:
     """Run a planned sweep to its total; MLflow runs left open by an earlier kill or by this
     run's interruption are closed, and the study's parent run is ended in every case."""
     tracker = plan.tracker
@@ -276,8 +278,17 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
             # recording its id in the trial).
             recover_dead_workers(plan.study, tracker.end_lost)
             tracker.close_orphans(plan.study)
-        return supervise(plan.spec, plan.devices, tracker and tracker.handle, on_poll,
+        snap = supervise(plan.spec, plan.devices, tracker and tracker.handle, on_poll,
                          on_lost=tracker and tracker.end_lost)
+        if tracker is not None:
+            try:
+                if (line := register_best(plan.spec, plan.study, tracker)) and on_event:
+                    on_event(line)
+            except Exception as exc:  # the registry is a copy: never fail a sweep over it
+                print(f"warning: tracking: could not register the best generator: "
+                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
+                      file=sys.stderr)
+        return snap
     except KeyboardInterrupt:
         if tracker is not None:
             tracker.close_orphans(plan.study)
@@ -285,6 +296,36 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
     finally:
         if tracker is not None:
             tracker.finish(plan.study)
+
+
+def register_best(spec: StudySpec, study: optuna.Study, tracker) -> str | None:
+    """Register the study's best generator in the MLflow model registry as
+    ``<study>-generator`` when it beats the registered one (single objective, a completed
+    trial with a kept generator). Returns what happened, in one line."""
+    import tempfile
+
+    import torch
+
+    from ganbench.tracking import download_generator
+    from ganbench.train import load_checkpoint
+
+    if tracker is None or spec.multi_objective or not any(
+            t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return None
+    best = study.best_trial
+    with tempfile.TemporaryDirectory() as tmp:
+        path = best.user_attrs.get("checkpoint")
+        if not path or not os.path.isfile(path):
+            if "mlflow_run_id" not in best.user_attrs:
+                return None
+            path = download_generator(tracker.handle.uri, best.user_attrs["mlflow_run_id"],
+                                      tmp)
+        config, g, _ = load_checkpoint(path)
+    example = torch.randn(5, config.noise_dim, generator=torch.Generator().manual_seed(0),
+                          dtype=next(g.parameters()).dtype)
+    return tracker.register_generator(
+        f"{spec.name}-generator", g, example, best.values[0], spec.directions[0],
+        {"study": spec.name, "trial": str(best.number)})
 
 
 def join_study(spec: StudySpec, device: str = "auto",

@@ -82,3 +82,28 @@ def test_bad_sample_requests_are_one_line_and_write_nothing(swept):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
         assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_the_best_generator_is_registered_and_loads_from_the_registry(swept):
+    """`<study>-generator` in the MLflow model registry, loadable with MLflow's PyTorch
+    flavour from `models:/…/latest`; a sweep that does not improve adds no version."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    folder, spec, study, server = swept
+    client = MlflowClient(server.url)
+    versions = client.search_model_versions("name='kept-generator'")
+    assert len(versions) == 1
+    best = study.best_trial
+    assert versions[0].tags["trial"] == str(best.number)
+    assert float(versions[0].tags["objective"]) == best.values[0]
+    mlflow.set_tracking_uri(server.url)
+    model = mlflow.pytorch.load_model("models:/kept-generator/latest")
+    config, g, _ = load_checkpoint(folder / "runs/kept/generators" / f"trial-{best.number}.pt")
+    z = torch.randn(64, config.noise_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(model(z), g(z), atol=1e-6)
+    again = ganbench("sweep", str(spec), "--workers", "1", cwd=folder)  # nothing new
+    assert again.returncode == 0, again.stderr
+    assert len(client.search_model_versions("name='kept-generator'")) == 1
