@@ -14,7 +14,9 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,8 +37,9 @@ from ganbench.recovery import (
     recover_dead_workers,
 )
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
-from ganbench.study import get_storage, open_study
+from ganbench.study import get_storage, open_study, run_dir
 from ganbench.sweep import budget_spent
+from ganbench.train import save_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,6 +115,12 @@ def _train_heldout(args: tuple[str, str, dict[str, Any], list[int], str, int]
                 "config": config_key(config)}
         if result.samples.numel():
             row["samples"] = points(result.samples)
+        if result.generator is not None:  # kept beside a local study, else for MLflow alone
+            folder = run_dir(study) / "heldout" if study.storage is None else \
+                Path(tempfile.mkdtemp(prefix="ganbench-"))
+            path = save_checkpoint(folder / f"seed-{seed}.pt", result, study=study.name,
+                                   seed=seed)
+            row["checkpoint"] = str(path.resolve())
         out.append((seed, row))
     return out
 
@@ -237,10 +246,16 @@ def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[
     start = time.perf_counter()
     for finished in pool.imap_unordered(_train_heldout, jobs):
         for seed, out in finished:
+            # A temporary generator file (database storage) goes to MLflow, then away.
+            temporary = out.pop("checkpoint", None) if study_spec.storage is not None \
+                else None
             study.set_user_attr(f"eval.{seed}", out)  # stored as each finishes: resumable
             done_seeds[seed] = out
             if tracker:
-                tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec)
+                tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec,
+                                      temporary or out.get("checkpoint"))
+            if temporary:
+                shutil.rmtree(Path(temporary).parent, ignore_errors=True)
     if jobs:  # wall time of the held-out runs (members of a population share it)
         study.set_user_attr("heldout_wall_seconds", study.user_attrs.get(
             "heldout_wall_seconds", 0.0) + time.perf_counter() - start)

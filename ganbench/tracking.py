@@ -148,8 +148,9 @@ class Tracker:
         return Tracker(TrackingHandle(self.handle.uri, self.handle.experiment_id, run_id))
 
     def log_eval_seed(self, target: str, arm: str, seed: int, params: dict, out: dict,
-                      study_spec) -> None:
-        """One held-out evaluation run (nested under the arm's run)."""
+                      study_spec, checkpoint: str | None = None) -> None:
+        """One held-out evaluation run (nested under the arm's run), with its final
+        generator when it has one."""
         try:
             from mlflow.entities import RunTag
 
@@ -164,6 +165,10 @@ class Tracker:
                        metrics={k: v for k, v in out.items() if isinstance(v, float)})
             if out.get("reason"):
                 self.client.log_batch(run.info.run_id, tags=[RunTag("reason", out["reason"])])
+            if checkpoint:
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(checkpoint, Path(tmp) / GENERATOR_ARTIFACT)
+                    self.client.log_artifacts(run.info.run_id, tmp)
             self.client.set_terminated(run.info.run_id,
                                        "FINISHED" if out["status"] == "completed" else "FAILED")
         except Exception as exc:

@@ -233,6 +233,17 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     for name in ("compare.md", "index.html", "box_w1.png", "samples.png"):
         assert (out / name).stat().st_size > 0
     assert "plain (baseline)" in (out / "compare.md").read_text()
+    # Every held-out run keeps its final generator beside the arm's study.
+    from ganbench.train import load_checkpoint, rescore
+
+    kept = sorted((tmp_path / "runs").glob("cmp__ring__*/heldout/seed-*.pt"))
+    assert len(kept) == 3 * 3
+    config, g, data = load_checkpoint(kept[0])
+    row = runs[(runs["arm"] == kept[0].parent.parent.name.split("__")[-1]) &
+               (runs["seed"] == data["seed"])].iloc[0]
+    # Trained as a population (batched products), rescored by the plain module: equal to
+    # float32 rounding.
+    assert rescore(config, g)["w1"] == pytest.approx(row["w1"], rel=1e-5)
     page = (out / "index.html").read_text()  # the results as HTML tables, best marked
     assert "<pre>" not in page and page.count("<table") == 2 and "plain (baseline)" in page
     n_metrics = table[table["arm"] == "plain"]["metric"].nunique()

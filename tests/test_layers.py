@@ -35,9 +35,9 @@ ALLOWED = {
     "tracking": {"errors", "config", "report", "targets"},
     "sweep": {"config", "metrics", "recovery", "report", "spec", "study", "train",
               "population"},
-    "workers": {"errors", "devices", "recovery", "spec", "study", "sweep", "tracking"},
+    "workers": {"errors", "devices", "recovery", "spec", "study", "sweep", "tracking", "train"},
     "compare": {"config", "errors", "metrics", "population", "recovery", "report", "spec", "study",
-                "sweep", "tracking", "workers"},
+                "sweep", "tracking", "train", "workers"},
     "cli": {"compare", "devices", "errors", "metrics", "recovery", "report", "spec", "study",
             "targets", "train", "workers", "__init__"},
     "__init__": set(),  # re-exports by name, loaded lazily (see test_lazy_imports)
