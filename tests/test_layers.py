@@ -39,7 +39,7 @@ ALLOWED = {
     "compare": {"config", "errors", "metrics", "population", "recovery", "report", "spec", "study",
                 "sweep", "tracking", "train", "workers"},
     "cli": {"compare", "devices", "errors", "metrics", "recovery", "report", "spec", "study",
-            "targets", "train", "workers", "__init__"},
+            "targets", "tracking", "train", "workers", "__init__"},
     "__init__": set(),  # re-exports by name, loaded lazily (see test_lazy_imports)
     "__main__": {"cli"},
 }
