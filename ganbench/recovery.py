@@ -138,7 +138,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str | None = None) 
     the new trial records which it retries and, if given, why."""
     origin = trial.user_attrs.get("retry_of", trial.number)
     retries = trial.user_attrs.get("retry", 0) + 1
-    if retries > MAX_RETRY:
+    if retries > MAX_RETRY or not trial.params:  # lost before sampling: nothing to retry
         return
     attrs = {"retry_of": origin, "retry": retries} | ({"retry_reason": reason} if reason else {})
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)

@@ -73,7 +73,8 @@ def sweep_until_busy(spec, folder, name, after_one_complete=False):
         nonlocal study
         study = study or journal_study(folder, name)
         trials = study.get_trials()
-        running = [t for t in trials if t.state == TrialState.RUNNING and "pid" in t.user_attrs]
+        running = [t for t in trials if t.state == TrialState.RUNNING and "pid" in t.user_attrs
+                   and t.params]  # training, not just asked
         done = any(t.state == TrialState.COMPLETE for t in trials)
         return len(running) == 2 and (done or not after_one_complete)
 
