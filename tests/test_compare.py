@@ -390,3 +390,21 @@ def test_infinite_values_are_counted_and_shown_with_the_median():
     # The test still ranks it: inf is the largest value, the worst kl.
     assert table.loc["x", "p_value"] == pytest.approx(permutation_p([1.5, math.inf, 2.0],
                                                                     [0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"arms": {"wgan gp": {"loss": "wasserstein"}, "plain": {}}},
+     "arms.wgan gp: an arm name is letters, digits"),
+    ({"baseline": "nope"}, "baseline: no arm named 'nope'"),
+    ({"arms": {"plain": {"lr_q": 1}}}, "arms.plain.lr_q"),
+    ({"eval_seeds": 1}, "eval_seeds"),
+    ({"heartbeat": {"interval": 10, "grace": 5}}, "grace (5 s) must exceed interval"),
+])
+def test_a_bad_comparison_file_is_one_line_and_creates_nothing(tmp_path, change, needle):
+    path = write(tmp_path, **change)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = ganbench("compare", str(path), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
