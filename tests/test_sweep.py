@@ -315,3 +315,38 @@ def test_a_trial_failed_by_a_service_is_requeued_not_counted(tmp_path):
     assert count_trials(trials) == (1, 0)  # only the trial's own failure counts
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == service.number
+
+
+def test_a_sweep_that_ends_short_says_so_and_fails(in_tmp):
+    """A trial held RUNNING by a worker on another machine, on a journal (no heartbeats):
+    the local workers cannot finish the study, and the sweep says so instead of exit 0."""
+    spec = write_spec(in_tmp, trials=3)
+    study = optuna.create_study(study_name="tiny", storage=get_storage(load_spec(spec)))
+    elsewhere = study.ask()
+    elsewhere.set_user_attr("host", "another-machine")
+    elsewhere.set_user_attr("pid", 1)
+    proc = ganbench("sweep", str(spec), "--workers", "1", cwd=in_tmp)
+    assert proc.returncode == 2
+    assert "the study ended short: 2 of 3 counted, 1 still running elsewhere" in proc.stderr
+
+
+def test_a_result_told_after_the_trial_was_failed_elsewhere_is_dropped(tmp_path):
+    """A trial whose heartbeat went stale while it trained (failed and re-queued by another
+    worker) cannot be told any more: its result is dropped, nothing raises."""
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    from ganbench.recovery import WORKER_DIED, fail_trial
+    from ganbench.sweep import _conclude
+    from ganbench.train import TrainConfig, train
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(storage=storage, study_name="tiny")
+    trial = study.ask()
+    trial.suggest_float("lr_g", 1e-4, 1e-2, log=True)
+    result = train(TrainConfig(steps=20, eval_every=10, eval_samples=200, batch_size=64,
+                               hidden=16, depth=1))
+    fail_trial(study, study._storage.get_trial(trial._trial_id), WORKER_DIED, "no heartbeat")
+    outcome = _conclude(study, trial, load_spec(write_spec(tmp_path)), [result], None)
+    assert outcome.state == TrialState.FAIL and "finished elsewhere" in outcome.reason
+    assert study.get_trials()[0].user_attrs["fail_kind"] == WORKER_DIED  # untouched
