@@ -29,7 +29,7 @@ from ganbench.recovery import (
 )
 from ganbench.spec import StudySpec, logged
 from ganbench.study import open_study
-from ganbench.sweep import TrialOutcome, worker_loop
+from ganbench.sweep import TrialOutcome, budget_spent, worker_loop
 
 
 # ---------------------------------------------------------------- devices and threads
@@ -210,7 +210,8 @@ def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
     if on_poll:
         on_poll(snap)
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if snap.done < total and (deadline is None or time.time() < deadline):
+    finished = budget_spent(spec, study.get_trials(deepcopy=False))  # a compute budget
+    if snap.done < total and not finished and (deadline is None or time.time() < deadline):
         if failed:
             raise GanbenchError(f"{len(failed)} worker(s) exited with codes {failed} before "
                                 f"the study reached {total} trials; rerun to continue")

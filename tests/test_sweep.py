@@ -350,3 +350,11 @@ def test_a_result_told_after_the_trial_was_failed_elsewhere_is_dropped(tmp_path)
     outcome = _conclude(study, trial, load_spec(write_spec(tmp_path)), [result], None)
     assert outcome.state == TrialState.FAIL and "finished elsewhere" in outcome.reason
     assert study.get_trials()[0].user_attrs["fail_kind"] == WORKER_DIED  # untouched
+
+
+def test_a_sweep_with_a_compute_budget_ends_cleanly_at_it(in_tmp):
+    spec = write_spec(in_tmp, budget={"g_steps": 120})  # trials of 40 steps: 3 of them
+    proc = ganbench("sweep", str(spec), "--workers", "1", cwd=in_tmp)
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="tiny", storage=get_storage(load_spec(spec)))
+    assert states(study) == [TrialState.COMPLETE] * 3
