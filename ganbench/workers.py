@@ -197,11 +197,13 @@ def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
             for p in procs:
                 p.join(timeout=poll / len(procs))
         if stop.is_set():
-            # The workers mark their trials and stop at their next safe point.
+            # The workers mark their trials and stop at their next safe point; one that has
+            # not within 30 s is killed (SIGTERM would only ask it again) and its trial
+            # recovered below.
             for p in procs:
                 p.join(timeout=30)
                 if p.is_alive():
-                    p.terminate()
+                    p.kill()
                     p.join(timeout=5)
             # A worker stopped between asking a trial and starting it leaves it RUNNING.
             recover_dead_workers(study, on_lost, kind=INTERRUPTED)
