@@ -172,7 +172,7 @@ def test_pacgans_architecture_is_built_as_specified():
     assert sum(isinstance(m, Maxout) for m in d.modules()) == 3
     weights = torch.cat([m.weight.detach().flatten() for m in g_linear + d_linear])
     assert abs(float(weights.std()) - 0.02) < 0.001 and abs(float(weights.mean())) < 0.001
-    assert all(float(m.bias.abs().max()) == 0 for m in d_linear)
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in d_linear)
     # A maxout unit is the largest of its pieces.
     x = torch.randn(7, 4)
     first = d_linear[0](x).view(7, 200, 5)
