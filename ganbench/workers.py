@@ -9,9 +9,11 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -349,8 +351,11 @@ def join_study(spec: StudySpec, device: str = "auto",
     if on_join is not None:
         on_join(dev)
     try:
+        # Workers joined separately (other machines, other shells) must not share a sampler
+        # seed, or they would draw the same configurations: offset it by host and process.
+        offset = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000 + 1
         return worker_loop(spec, dev, spec.trials, deadline, tracker, on_trial,
-                           on_event=on_event)
+                           worker=offset, on_event=on_event)
     finally:
         if tracker is not None:
             tracker.finish(study)

@@ -29,8 +29,9 @@ def test_packing_multiplies_the_discriminator_input():
 
 
 def test_spectral_norm_layers_have_unit_norm():
+    torch.manual_seed(0)  # an unseeded init sometimes needs more than 30 iterations
     d = Discriminator(2, [64, 64], spectral_norm=True)
-    for _ in range(30):  # power iterations converge during forward passes in train mode
+    for _ in range(100):  # power iterations converge during forward passes in train mode
         d(torch.randn(8, 2))
     d.eval()
     for m in d.modules():

@@ -292,7 +292,7 @@ def test_a_dead_remote_worker_is_recovered_by_the_other_while_it_runs(tmp_path, 
     wait_for(lambda: optuna.load_study(study_name="stale", storage=storage) is not None)
     study = optuna.load_study(study_name="stale", storage=storage)
     try:
-        wait_for(lambda: any(t.state == TrialState.RUNNING and
+        wait_for(lambda: any(t.state == TrialState.RUNNING and t.params and
                              t.user_attrs.get("pid") == victim.pid
                              for t in study.get_trials()), timeout=120)
     except TimeoutError:
