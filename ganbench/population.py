@@ -251,14 +251,14 @@ class _Bucket:
         if not self.sn[net]:
             return w
         u, v = T[f"{net}.u.{i}"], T[f"{net}.v.{i}"]
-        with torch.no_grad():
-            if not training:
-                sigma = (u * torch.bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
-                return w / sigma.view(-1, 1, 1)
-            wd = w.detach()
-            u.copy_(F.normalize(torch.bmm(v.unsqueeze(1), wd).squeeze(1), dim=-1, eps=1e-12))
-            v.copy_(F.normalize(torch.bmm(wd, u.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-12))
-        u, v = u.clone(), v.clone()  # later calls update the buffers in place
+        if training:
+            with torch.no_grad():
+                wd = w.detach()
+                u.copy_(F.normalize(torch.bmm(v.unsqueeze(1), wd).squeeze(1), dim=-1,
+                                    eps=1e-12))
+                v.copy_(F.normalize(torch.bmm(wd, u.unsqueeze(-1)).squeeze(-1), dim=-1,
+                                    eps=1e-12))
+            u, v = u.clone(), v.clone()  # later calls update the buffers in place
         sigma = (u * torch.bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
         return w / sigma.view(-1, 1, 1)
 
@@ -576,8 +576,6 @@ def train_population(
     for members in buckets.values():
         try:
             _run_bucket(_Bucket(members, streams), on_eval, on_step, start, results)
-        except KeyboardInterrupt:
-            raise
         except Exception as exc:  # the bucket's program failed: its unfinished members
             log.warning("a bucket of %d member(s) failed: %s: %s", len(members),
                         type(exc).__name__, exc)
@@ -722,8 +720,6 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
         m.history.append(row)
         try:
             stop = on_eval is not None and on_eval(m.index, step, row)
-        except KeyboardInterrupt:
-            raise
         except Exception as exc:  # e.g. its tracking run failed: this member alone
             fail(m, exc)
             gone.add(pos)
