@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from ganbench import metrics as M
 from ganbench.config import TrainConfig
 from ganbench.devices import resolve_device
 from ganbench.errors import GanbenchError
@@ -52,6 +51,7 @@ from ganbench.train import (
     cpu_state,
     diverged_metrics,
     eval_sample,
+    score,
     train,
 )
 from ganbench.tricks import build_tricks
@@ -687,9 +687,7 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
     b.T["g_sum"][due] = 0
     def metrics(m: _Member, x: torch.Tensor) -> dict[str, float] | Exception:
         try:  # one member's failure is that member's alone
-            return M.evaluate(x, m.reference, m.target.centers, m.target.std, m.target.weights,
-                              exact=step == m.config.steps,
-                              generator=torch.Generator().manual_seed(m.config.eval_seed))
+            return score(x, m.reference, m.target, m.config, exact=step == m.config.steps)
         except Exception as exc:
             return exc
 

@@ -98,6 +98,15 @@ def eval_sample(config: TrainConfig, target: Target, device: torch.device,
     return reference, z_eval.to(device, dtype)
 
 
+def score(samples: torch.Tensor, reference: torch.Tensor, target: Target,
+          config: TrainConfig, exact: bool) -> dict[str, float]:
+    """The metrics of a run's evaluation samples against its fixed reference, with the
+    projections of its ``eval_seed`` (exact W1 when ``exact``): one definition for the
+    trainer, the population engine and a reloaded generator."""
+    return M.evaluate(samples, reference, target.centers, target.std, target.weights,
+                      exact=exact, generator=torch.Generator().manual_seed(config.eval_seed))
+
+
 def diverged_metrics(target: Target) -> dict[str, float]:
     """The metrics a diverged run reports: the worst value of each."""
     return M.worst_metrics(target.centers is not None)
@@ -140,15 +149,15 @@ def train(
     def noise(n: int) -> torch.Tensor:
         return torch.randn(n, config.noise_dim, generator=rng, device=device, dtype=dtype)
 
+    # The generator that is evaluated and kept: G, or the copy a trick keeps (EMA).
+    g_eval = next((m for t in tricks if (m := t.eval_generator(g)) is not None), g)
+
     def evaluate(exact: bool) -> tuple[dict[str, float], torch.Tensor]:
-        g_eval = next((m for t in tricks if (m := t.eval_generator(g)) is not None), g)
         g_eval.eval()  # batch norm: the running statistics, not the evaluation batch's
         with torch.no_grad():
             samples = g_eval(z_eval).to("cpu", torch.float64)
         g_eval.train()
-        proj_gen = torch.Generator().manual_seed(config.eval_seed)
-        return M.evaluate(samples, reference, target.centers, target.std, target.weights,
-                          exact=exact, generator=proj_gen), samples
+        return score(samples, reference, target, config, exact), samples
 
     history: list[dict[str, float]] = []
     status, reason, step, eval_seconds = "completed", "", 0, 0.0
@@ -243,7 +252,6 @@ def train(
 
     if status == "diverged":
         last = diverged_metrics(target)
-    g_eval = next((m for t in tricks if (m := t.eval_generator(g)) is not None), g)
     return TrainResult(
         config=config, status=status, steps=step, metrics=last, history=history,
         samples=samples, reference=reference.float(), reason=reason,
@@ -307,5 +315,4 @@ def rescore(config: TrainConfig, g: Generator) -> dict[str, float]:
     reference, z_eval = eval_sample(config, target, torch.device("cpu"), dtype)
     with torch.no_grad():
         samples = g.eval()(z_eval).to("cpu", torch.float64)
-    return M.evaluate(samples, reference, target.centers, target.std, target.weights,
-                      exact=True, generator=torch.Generator().manual_seed(config.eval_seed))
+    return score(samples, reference, target, config, exact=True)
