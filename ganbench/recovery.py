@@ -96,18 +96,21 @@ def watch_parent(parent: int, every: float = 1.0) -> threading.Thread:
     return thread
 
 
-def is_infrastructure(exc: BaseException) -> bool:
-    """Did ``exc`` (or what caused it) come from the storage or the tracking server?
-    Such a failure is not the trial's fault."""
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what caused it (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        module = type(exc).__module__ or ""
-        if module.startswith(_SERVICE_MODULES) or isinstance(exc, ConnectionError) or \
-                isinstance(exc, optuna.exceptions.StorageInternalError):
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Did ``exc`` (or what caused it) come from the storage or the tracking server?
+    Such a failure is not the trial's fault."""
+    return any((type(e).__module__ or "").startswith(_SERVICE_MODULES)
+               or isinstance(e, (ConnectionError, optuna.exceptions.StorageInternalError))
+               for e in exception_chain(exc))
 
 
 def is_counted(trial: FrozenTrial) -> bool:

@@ -243,7 +243,7 @@ class StudySpec(BaseModel):
     """A whole study; see studies/*.yaml for annotated examples."""
 
     model_config = _STRICT
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME.pattern)
     target: TargetSpec
     train: TrainSection = Field(default_factory=TrainSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -470,7 +470,7 @@ class CompareSpec(BaseModel):
     """A budget-fair comparison of arms (loss + tricks + fixed values) over held-out seeds."""
 
     model_config = _STRICT
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME.pattern)
     targets: list[TargetSpec] = Field(min_length=1)
     train: TrainSection = Field(default_factory=TrainSection)
     model: ModelSection = Field(default_factory=ModelSection)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import optuna
 
 from ganbench.errors import GanbenchError, NoStudy, SpecError, redact
-from ganbench.recovery import retry_callback
+from ganbench.recovery import exception_chain, retry_callback
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -104,12 +104,9 @@ def _unreachable(exc: BaseException) -> bool:
     """Is ``exc`` a lost or refused database connection (not a bad query)?"""
     import sqlalchemy.exc
 
-    while exc is not None:
-        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) \
-                or (isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+               or (isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated)
+               for e in exception_chain(exc))
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):

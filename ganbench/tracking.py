@@ -210,6 +210,7 @@ class Tracker:
         ``mlflow.pytorch.load_model("models:/<name>/latest")`` needs no install of it."""
         import mlflow
         import mlflow.pytorch
+        import torch
         from mlflow.models import infer_signature
 
         versions = self.client.search_model_versions(f"name='{name}'")
@@ -223,14 +224,14 @@ class Tracker:
         import ganbench
 
         mlflow.set_tracking_uri(self.handle.uri)
-        with torch_no_grad():
+        with torch.no_grad():
             output = generator(example).numpy()
         with mlflow.start_run(run_id=self.handle.parent_run_id):
             info = mlflow.pytorch.log_model(
                 generator, name="generator", input_example=example.numpy(),
                 signature=infer_signature(example.numpy(), output),
                 code_paths=[str(Path(ganbench.__file__).parent)],
-                pip_requirements=[f"torch=={_torch_version()}"])
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Created version" lines
             version = mlflow.register_model(info.model_uri, name, tags={
                 "objective": repr(value), "direction": direction} | tags)
@@ -386,18 +387,6 @@ class TrialRun:
                 self.warned = True
                 print(f"warning: tracking: trial {self.trial_number}: logging failed "
                       f"({_one_line(exc)}); training goes on", file=sys.stderr)
-
-
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__.split("+")[0]
 
 
 def download_generator(uri: str, run_id: str, dest: str | Path) -> Path:
