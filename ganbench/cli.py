@@ -209,12 +209,11 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def _finished_lines(study, seen: set[int], total: int) -> None:
-    """One line per trial finished since the last call: number, state, objective, duration
-    (for logs, where a progress bar shows nothing until the end)."""
+def _finished_lines(trials, seen: set[int], total: int) -> None:
+    """One line per trial of ``trials`` finished since the last call: number, state,
+    objective, duration (for logs, where a progress bar shows nothing until the end)."""
     from ganbench.recovery import count_trials
 
-    trials = study.get_trials(deepcopy=False)
     for t in trials:
         if t.number in seen or not t.state.is_finished():
             continue
@@ -268,7 +267,7 @@ def sweep_cmd(
         def on_poll(snap) -> None:
             progress.update(task, completed=min(snap.done, snap.total), info=_status_line(snap))
             if not console.is_terminal:  # a log file: one line per finished trial instead
-                _finished_lines(plan.study, seen, spec.trials)
+                _finished_lines(snap.trials, seen, spec.trials)
 
         try:
             run_sweep(plan, on_poll, lambda line: console.print(line, highlight=False))

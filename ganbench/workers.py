@@ -148,6 +148,7 @@ class Snapshot:
     running: list[FrozenTrial]
     best: list[float] | None
     total: int
+    trials: list[FrozenTrial]     # all of them, as read for this snapshot
 
 
 def snapshot(study: optuna.Study, spec: StudySpec, total: int) -> Snapshot:
@@ -159,7 +160,7 @@ def snapshot(study: optuna.Study, spec: StudySpec, total: int) -> Snapshot:
     if complete and not spec.multi_objective:
         pick = min if spec.directions[0] == "minimize" else max
         best = pick(complete, key=lambda t: t.values[0]).values
-    return Snapshot(done, running, best, total)
+    return Snapshot(done, running, best, total, trials)
 
 
 def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
