@@ -19,7 +19,8 @@ from tests.conftest import cli_env, write_spec
 from tests.services import MlflowServer
 
 pytestmark = pytest.mark.slow
-SLOWER = {"steps": 300, "eval_every": 50, "eval_samples": 256, "batch_size": 64}
+# Long enough that a trial is still training when a test acts on it (tiny nets run ~2k steps/s).
+SLOWER = {"steps": 3000, "eval_every": 250, "eval_samples": 256, "batch_size": 64}
 
 
 def journal_study(folder, name):
@@ -33,9 +34,13 @@ def start(args, cwd):
                             start_new_session=True)
 
 
-def wait_for(predicate, timeout=300):
+def wait_for(predicate, timeout=300, proc=None):
+    """Poll until predicate holds; fail at once (with its output) if proc exits first."""
     end = time.time() + timeout
     while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"exited {proc.returncode} before the awaited state:\n{out}\n{err}")
         try:
             if predicate():
                 return
@@ -78,7 +83,7 @@ def sweep_until_busy(spec, folder, name, after_one_complete=False):
         done = any(t.state == TrialState.COMPLETE for t in trials)
         return len(running) == 2 and (done or not after_one_complete)
 
-    wait_for(busy)
+    wait_for(busy, proc=proc)
     return proc, study
 
 
