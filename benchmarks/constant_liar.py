@@ -30,7 +30,7 @@ def best_w1(seed: int, liar: bool, args: argparse.Namespace) -> tuple[float, flo
                "--set", "name=liar", "--set", "tracking=false",
                "--set", f"sampler.seed={seed}", "--set", f"sampler.constant_liar={liar}",
                "--set", f"train.steps={args.steps}", "--set", "train.eval_every=250",
-               "--set", "pruner.name=none",
+               "--set", "pruner={name: none}",
                "--trials", str(args.trials), "--population", str(args.population)]
         start = time.perf_counter()
         subprocess.run(cmd, cwd=folder, check=True, capture_output=True, text=True)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,6 +119,7 @@ class _Member:
     metrics: dict[str, float] = field(default_factory=dict)
     samples: torch.Tensor | None = None
     eval_seconds: float = 0.0
+    cost: float = 0.0             # relative cost of one of its generator steps
 
     def trick(self, name: str, param: str) -> float:
         """The value of a trick parameter (its default when the config leaves it out)."""
@@ -225,6 +228,7 @@ class _Bucket:
         self.T["d_sum"] = torch.zeros(K, device=self.device, dtype=self.dtype)
         self.T["g_sum"] = torch.zeros(K, device=self.device, dtype=self.dtype)
         self.T["d_last"] = torch.zeros(K, device=self.device, dtype=self.dtype)
+        self.T["g_last"] = torch.zeros(K, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------ per-member values
     def member_scalar(self, values: Sequence[float]) -> float | torch.Tensor:
@@ -534,6 +538,73 @@ class _Bucket:
             self.T[key] = t.detach()[idx].requires_grad_(t.requires_grad)
         self.members = [self.members[i] for i in keep]
 
+    # ------------------------------------------------------------ running
+    def cost(self) -> float:
+        """Relative cost of this shard's next generator step (for balancing lanes)."""
+        return sum(m.cost for m in self.members)
+
+    def train_step(self, step: int) -> None:
+        """Generator step ``step`` of every member, with the D steps before it: sub-step j
+        updates the members whose d_steps exceed j (with simultaneous updates, the last D
+        step is taken together with G's)."""
+        self.step = step
+        sim = int(self.simultaneous)
+        for j in range(max(m.config.d_steps for m in self.members) - sim):
+            active = [i for i, m in enumerate(self.members) if m.config.d_steps - sim > j]
+            if len(active) == len(self.members):
+                self.T["d_last"] = self.d_step(self.T, self.members)
+            else:
+                idx = torch.tensor(active, device=self.device)
+                sub = self.subset(idx, ("g.", "d.", "m.d.", "s.d."))
+                loss = self.d_step(sub, [self.members[i] for i in active])
+                self.write_back(idx, sub)
+                self.T["d_last"][idx] = loss
+        if sim:
+            self.T["d_last"], self.T["g_last"] = self.joint_step()
+        else:
+            self.T["g_last"] = self.g_step()
+        self.T["d_sum"] += self.T["d_last"]
+        self.T["g_sum"] += self.T["g_last"]
+        for m in self.members:
+            m.n_since += 1
+
+    def after_step(self, step: int, on_eval: PopOnEval | None, start: float,
+                   results: dict[int, TrainResult]) -> None:
+        """Members that diverged at ``step`` leave; those due are evaluated (and leave when
+        finished or stopped)."""
+
+        def finish(m: _Member, status: str, reason: str, at: int) -> None:
+            metrics = diverged_metrics(m.target) if status == "diverged" else m.metrics
+            samples = m.samples if m.samples is not None else torch.empty(0, m.target.dim)
+            generator = online = None
+            if status == "completed":  # its final generator, as train returns it
+                pos = self.members.index(m)
+                ema = "ema" in self.tricks
+                generator = self.generator_state(pos, "ema" if ema else "g")
+                online = self.generator_state(pos, "g") if ema else None
+            results[m.index] = TrainResult(
+                config=m.config, status=status, steps=at, metrics=metrics,
+                history=m.history, samples=samples, reference=m.reference.float(),
+                reason=reason, seconds=time.perf_counter() - start,
+                eval_seconds=m.eval_seconds, generator=generator, online=online)
+
+        # Divergence: a member with a non-finite loss leaves with the step it happened at.
+        finite = torch.isfinite(self.T["d_last"] + self.T["g_last"]).tolist()
+        gone = set()
+        for i, m in enumerate(self.members):
+            if not finite[i]:
+                finish(m, "diverged", f"diverged at step {step} (non-finite loss)", step)
+                gone.add(i)
+        # Evaluation of the members due (every eval_every steps and at their last step).
+        due = [i for i, m in enumerate(self.members) if i not in gone and
+               (step % m.config.eval_every == 0 or step == m.config.steps)]
+        if due:
+            gone |= _evaluate(self, due, step, on_eval, finish,
+                              lambda m, exc: results.__setitem__(
+                                  m.index, _error_result(m, exc, start)))
+        if gone:
+            self.keep([i for i in range(len(self.members)) if i not in gone])
+
 
 def _member(index: int, config: TrainConfig) -> _Member:
     config.validate()
@@ -544,16 +615,22 @@ def _member(index: int, config: TrainConfig) -> _Member:
     return _Member(index=index, config=config, built=built, target=target,
                    data=training_data(target, config.pool, config.seed),
                    rng=torch.Generator(device).manual_seed(config.seed),
-                   reference=reference, z_eval=z_eval)
+                   reference=reference, z_eval=z_eval, cost=step_cost(built))
 
 
 def train_population(
     configs: Sequence[TrainConfig], on_eval: PopOnEval | None = None,
-    on_step: PopOnStep | None = None, streams: str = "auto",
+    on_step: PopOnStep | None = None, streams: str = "auto", lanes: int | None = None,
 ) -> list[TrainResult]:
     """Train every config in ``configs``; results in the same order.
 
-    Members are grouped into buckets of equal shape and trained bucket by bucket.
+    Members are grouped into buckets of equal shape; big buckets are cut into shards, and
+    every shard takes one generator step per round. On a CPU the shards of a round train
+    side by side on ``lanes`` threads (default: torch's intra-op threads) of one intra-op
+    thread each: small products then keep a core each busy instead of waiting on each
+    other, and small buckets run beside big ones. Everything else — divergence checks,
+    evaluations, callbacks — runs on the calling thread, in member order, so a run does
+    not depend on thread timing.
     ``on_eval(member, step, row)`` is called after each of a member's evaluations, exactly
     as ``train`` calls its ``on_eval``; returning True stops that member alone (it leaves
     the batch). A member that diverges leaves it too, with ``status="diverged"``.
@@ -573,19 +650,134 @@ def train_population(
             alone.append(i)
             continue
         buckets.setdefault(bucket_key(config), []).append(_member(i, config))
-    for members in buckets.values():
+    lanes = lanes or torch.get_num_threads()
+    shards: list[_Bucket] = []
+    for group in shard_groups(list(buckets.values()), lanes):
         try:
-            _run_bucket(_Bucket(members, streams), on_eval, on_step, start, results)
+            shards.append(_Bucket(group, streams))
         except Exception as exc:  # the bucket's program failed: its unfinished members
-            log.warning("a bucket of %d member(s) failed: %s: %s", len(members),
-                        type(exc).__name__, exc)
-            for m in members:
-                if m.index not in results:
-                    results[m.index] = _error_result(m, exc, start)
+            _fail_shard(group, exc, start, results)
+    _run_shards(shards, lanes, on_eval, on_step, start, results)
     for i in alone:
         results[i] = train(configs[i], None if on_eval is None else
                            (lambda step, row, i=i: on_eval(i, step, row)), on_step)
     return [results[i] for i in range(len(configs))]
+
+
+MIN_SHARD = 4  # members: smaller shards lose more to per-operation overhead than they gain
+
+
+def step_cost(c: TrainConfig) -> float:
+    """Relative cost of one generator step of a member whose built config (``built_config``)
+    is ``c``: its multiply-adds per sample (G and D, D's steps included) times its batch —
+    what balancing lanes needs."""
+    g = [c.noise_dim, *c.widths("g"), 2]
+    d = [2 * c.pack, *c.widths("d"), 1]
+    outs = [w * c.pieces for w in c.widths("d")] + [1]
+    mac_g = sum(a * b for a, b in zip(g, g[1:]))
+    mac_d = sum(a * b for a, b in zip(d, outs)) / c.pack
+    return c.batch_size * ((c.d_steps + 2) * mac_g + (3 * c.d_steps + 2) * mac_d)
+
+
+def shard_groups(groups: list[list[_Member]], lanes: int) -> list[list[_Member]]:
+    """Cut buckets whose share of the work exceeds half a lane's into shards (contiguous,
+    at least ``MIN_SHARD`` members), so that lanes can be balanced; one lane cuts nothing."""
+    def on_cpu(group: list[_Member]) -> bool:
+        return resolve_device(group[0].built.device).type == "cpu"
+
+    total = sum(m.cost * m.config.steps for g in groups if on_cpu(g) for m in g)
+    out = []
+    for group in groups:
+        cost = sum(m.cost * m.config.steps for m in group)
+        pieces = 1
+        if lanes > 1 and on_cpu(group) and total > 0:
+            pieces = min(len(group) // MIN_SHARD, math.ceil(cost / (total / lanes / 2)))
+        pieces = max(1, pieces)
+        size = math.ceil(len(group) / pieces)
+        out.extend(group[i:i + size] for i in range(0, len(group), size))
+    return out
+
+
+def _lane_pool(lanes: int) -> ThreadPoolExecutor:
+    """``lanes`` threads that run torch operations on one intra-op thread each, leaving the
+    calling thread's setting (and the one later threads start with) as it was."""
+    before = torch.get_num_threads()
+    ready = threading.Barrier(lanes + 1)
+
+    def one_thread() -> None:
+        torch.set_num_threads(1)
+        torch.get_num_threads()  # this thread's thread count is fixed now, at 1
+        ready.wait()
+
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="ganbench-lane")
+    for _ in range(lanes):  # each blocks until all have started: ``lanes`` distinct threads
+        pool.submit(one_thread)
+    ready.wait()
+    torch.set_num_threads(before)
+    return pool
+
+
+def _plan_round(shards: list[_Bucket], lanes: int) -> list[list[_Bucket]]:
+    """Shards spread over lanes, longest first onto the least loaded lane."""
+    plan: list[list[_Bucket]] = [[] for _ in range(lanes)]
+    load = [0.0] * lanes
+    for b in sorted(shards, key=lambda b: -b.cost()):
+        i = load.index(min(load))
+        plan[i].append(b)
+        load[i] += b.cost()
+    return [lane for lane in plan if lane]
+
+
+def _fail_shard(members: list[_Member], exc: Exception, start: float,
+                results: dict[int, TrainResult]) -> None:
+    log.warning("a bucket of %d member(s) failed: %s: %s", len(members),
+                type(exc).__name__, exc)
+    for m in members:
+        if m.index not in results:
+            results[m.index] = _error_result(m, exc, start)
+
+
+def _run_shards(shards: list[_Bucket], lanes: int, on_eval: PopOnEval | None,
+                on_step: PopOnStep | None, start: float,
+                results: dict[int, TrainResult]) -> None:
+    """Train every shard until each member has finished, stopped or diverged: rounds of
+    one generator step per live shard, then each shard's checks and evaluations."""
+    cpu = [b for b in shards if b.device.type == "cpu"]
+    pool = _lane_pool(lanes) if lanes > 1 and len(cpu) > 1 else None
+    errors: dict[int, Exception] = {}
+
+    def train_lane(lane: list[_Bucket], step: int) -> None:
+        for b in lane:
+            try:
+                b.train_step(step)
+            except Exception as exc:  # that shard's program failed, not the others'
+                errors[id(b)] = exc
+
+    try:
+        step = 0
+        while live := [b for b in shards if b.members]:
+            step += 1
+            parallel = [b for b in live if b.device.type == "cpu"] if pool else []
+            if len(parallel) > 1:
+                list(pool.map(train_lane, _plan_round(parallel, lanes),
+                              [step] * lanes))
+            else:
+                parallel = []
+            train_lane([b for b in live if b not in parallel], step)
+            for b in live:
+                if id(b) in errors:
+                    _fail_shard(b.members, errors.pop(id(b)), start, results)
+                    b.members = []
+            live = [b for b in live if b.members]
+            if on_step is not None and step % STEP_REPORT_EVERY == 0 and live:
+                k = sum(len(b.members) for b in live)
+                on_step(step, sum(float(b.T["d_last"].sum()) for b in live) / k,
+                        sum(float(b.T["g_last"].sum()) for b in live) / k)
+            for b in live:
+                b.after_step(step, on_eval, start, results)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def _error_result(m: _Member, exc: Exception, start: float) -> TrainResult:
@@ -596,73 +788,6 @@ def _error_result(m: _Member, exc: Exception, start: float) -> TrainResult:
                        reason=f"error: {type(exc).__name__}: {exc}",
                        seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds,
                        error=exc)
-
-
-def _run_bucket(b: _Bucket, on_eval: PopOnEval | None, on_step: PopOnStep | None,
-                start: float, results: dict[int, TrainResult]) -> None:
-    """Train one bucket until every member has finished, stopped or diverged."""
-
-    def finish(m: _Member, status: str, reason: str, step: int) -> None:
-        metrics = diverged_metrics(m.target) if status == "diverged" else m.metrics
-        samples = m.samples if m.samples is not None else torch.empty(0, m.target.dim)
-        generator = online = None
-        if status == "completed":  # its final generator, as train returns it
-            pos = b.members.index(m)
-            ema = "ema" in b.tricks
-            generator = b.generator_state(pos, "ema" if ema else "g")
-            online = b.generator_state(pos, "g") if ema else None
-        results[m.index] = TrainResult(
-            config=m.config, status=status, steps=step, metrics=metrics, history=m.history,
-            samples=samples, reference=m.reference.float(), reason=reason,
-            seconds=time.perf_counter() - start, eval_seconds=m.eval_seconds,
-            generator=generator, online=online)
-
-    step = 0
-    sim = int(b.simultaneous)
-    while b.members:
-        step += 1
-        b.step = step
-        # Discriminator: sub-step j updates the members whose d_steps exceed j (with
-        # simultaneous updates, the last D step is taken together with G's).
-        for j in range(max(m.config.d_steps for m in b.members) - sim):
-            active = [i for i, m in enumerate(b.members) if m.config.d_steps - sim > j]
-            if len(active) == len(b.members):
-                b.T["d_last"] = b.d_step(b.T, b.members)
-            else:
-                idx = torch.tensor(active, device=b.device)
-                sub = b.subset(idx, ("g.", "d.", "m.d.", "s.d."))
-                loss = b.d_step(sub, [b.members[i] for i in active])
-                b.write_back(idx, sub)
-                b.T["d_last"][idx] = loss
-        # Generator: every member, one update.
-        if sim:
-            b.T["d_last"], g_loss = b.joint_step()
-        else:
-            g_loss = b.g_step()
-        b.T["d_sum"] += b.T["d_last"]
-        b.T["g_sum"] += g_loss
-        for m in b.members:
-            m.n_since += 1
-
-        # Divergence: a member with a non-finite loss leaves with the step it happened at.
-        finite = torch.isfinite(b.T["d_last"] + g_loss).tolist()
-        gone = set()
-        for i, m in enumerate(b.members):
-            if not finite[i]:
-                finish(m, "diverged", f"diverged at step {step} (non-finite loss)", step)
-                gone.add(i)
-        if on_step is not None and step % STEP_REPORT_EVERY == 0:
-            on_step(step, float(b.T["d_last"].mean()), float(g_loss.mean()))
-
-        # Evaluation of the members due (every eval_every steps and at their last step).
-        due = [i for i, m in enumerate(b.members) if i not in gone and
-               (step % m.config.eval_every == 0 or step == m.config.steps)]
-        if due:
-            gone |= _evaluate(b, due, step, on_eval, finish,
-                              lambda m, exc: results.__setitem__(
-                                  m.index, _error_result(m, exc, start)))
-        if gone:
-            b.keep([i for i in range(len(b.members)) if i not in gone])
 
 
 def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,

@@ -1,7 +1,9 @@
 """The population engine trains what `train` trains: member by member, to rounding."""
 
+import dataclasses
 import logging
 import math
+import threading
 
 import optuna
 import pytest
@@ -9,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
+from ganbench import population
 from ganbench.population import BATCHED_TRICKS, train_population, unbatchable
 from ganbench.train import TrainConfig, train
 from ganbench.tricks import TRICKS
@@ -44,6 +47,52 @@ def test_population_equals_separate_runs_in_float64():
         alone = train(config)
         assert alone.history[-1]["step"] == 100 and "w1" in alone.metrics
         assert_same(alone, result)
+
+
+def test_lanes_train_shards_side_by_side_and_change_nothing():
+    """Eight members of one shape are cut into two shards that train on two lane threads
+    of one intra-op thread each; every member still equals its own `train` run, callbacks
+    run on the caller's thread, and the caller's thread count is unchanged."""
+    configs = [c for c in members(steps=40, eval_every=20) if c.hidden == 32] * 4
+    configs = [dataclasses.replace(c, seed=i) for i, c in enumerate(configs)]
+    built = [population._member(i, c) for i, c in enumerate(configs)]
+    assert [len(s) for s in population.shard_groups([built], lanes=2)] == [4, 4]
+    assert [len(s) for s in population.shard_groups([built], lanes=1)] == [8]
+    threads, callers = torch.get_num_threads(), set()
+
+    def on_eval(member, step, row):
+        callers.add(threading.current_thread().name)
+
+    together = train_population(configs, on_eval=on_eval, streams="member", lanes=2)
+    assert callers == {threading.current_thread().name}
+    assert torch.get_num_threads() == threads
+    for config, result in zip(configs, together):
+        assert_same(train(config), result)
+
+
+def test_lane_threads_run_one_intra_op_thread_each():
+    threads = torch.get_num_threads()
+    pool = population._lane_pool(2)
+    try:
+        seen = list(pool.map(lambda _: (threading.current_thread().name,
+                                        torch.get_num_threads()), range(8)))
+    finally:
+        pool.shutdown()
+    assert {n for n, _ in seen} <= {"ganbench-lane_0", "ganbench-lane_1"}
+    assert {k for _, k in seen} == {1}
+    assert torch.get_num_threads() == threads
+
+
+def test_a_big_bucket_is_cut_so_that_lanes_balance():
+    """A wide bucket beside narrow ones is cut into shards; a lone or small bucket is not."""
+    wide = [TrainConfig(hidden=256, seed=i) for i in range(12)]
+    narrow = [TrainConfig(hidden=32, seed=i) for i in range(12)]
+    groups = [[population._member(i, c) for i, c in enumerate(g)] for g in (wide, narrow)]
+    sizes = [len(s) for s in population.shard_groups(groups, lanes=2)]
+    assert sizes[-1] == 12 and len(sizes) >= 3 and sum(sizes) == 24
+    assert all(n >= population.MIN_SHARD for n in sizes)
+    lone = [[population._member(0, wide[0])]]
+    assert [len(s) for s in population.shard_groups(lone, lanes=2)] == [1]
 
 
 @pytest.mark.parametrize("trick", sorted(TRICKS))
