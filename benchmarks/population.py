@@ -5,7 +5,8 @@ For each scenario the same member configurations are trained
   (b) by a naive pool of worker processes, one ``train()`` per task (one thread each on
       CPU; several processes sharing the GPU on CUDA),
   (c) by the population engine, ``train_population()`` of K members, K = 1, 4, 16, 64
-      (and 256 on a GPU).
+      (and 256 on a GPU); on a CPU also the largest K on one lane (its shards one after
+      another on all torch threads instead of side by side on one thread each).
 Scenarios: a same-shape population (G and D 2×128, noise 8, batch 256) with d_steps 1 and
 with d_steps 5, a mixed population (hidden 32..512, noise 2..128, d_steps 1..5), and PacGAN's
 architecture and protocol (G 4×400 with batch norm, maxout D 3×200×5 pieces, N(0, 0.02)
@@ -192,6 +193,11 @@ def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
         part = members[:k]
         rows[f"K={k}"] = row(f"population K={k}", part,
                              timed(lambda part=part: train_population(part), device))
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        # The same population with its shards on one thread: what side-by-side lanes add.
+        part = members[:max(ks)]
+        row(f"K={max(ks)}, one lane", part,
+            timed(lambda: train_population(part, lanes=1), device))
     if kind == "mixed":
         # The same population without noise padding: one bucket per width *and* noise
         # dimension. Buckets train one after another either way, so training each such
