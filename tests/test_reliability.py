@@ -40,7 +40,8 @@ def wait_for(predicate, timeout=300, proc=None):
     while time.time() < end:
         if proc is not None and proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"exited {proc.returncode} before the awaited state:\n{out}\n{err}")
+            raise AssertionError(f"exited {proc.returncode} before the awaited state:\n"
+                                 f"{out}\n{err}")
         try:
             if predicate():
                 return
