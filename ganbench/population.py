@@ -774,7 +774,11 @@ def _run_shards(shards: list[_Bucket], lanes: int, on_eval: PopOnEval | None,
                 on_step(step, sum(float(b.T["d_last"].sum()) for b in live) / k,
                         sum(float(b.T["g_last"].sum()) for b in live) / k)
             for b in live:
-                b.after_step(step, on_eval, start, results)
+                try:
+                    b.after_step(step, on_eval, start, results)
+                except Exception as exc:  # e.g. saving a finished member's generator
+                    _fail_shard(b.members, exc, start, results)
+                    b.members = []
     finally:
         if pool is not None:
             pool.shutdown()
