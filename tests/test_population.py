@@ -253,6 +253,24 @@ def test_a_members_own_error_fails_that_member_alone():
     assert_same(train(configs[2]), results[2])
 
 
+def test_a_shard_that_fails_after_its_step_fails_only_its_own_members(monkeypatch):
+    """Saving a finished member's generator raises in the 64-wide bucket only (a fault
+    injected there): its members end with status "error", the 32-wide ones complete."""
+    keep = population._Bucket.generator_state
+
+    def failing(self, pos, net):
+        if self.c.hidden == 64:
+            raise RuntimeError("disk full")
+        return keep(self, pos, net)
+
+    monkeypatch.setattr(population._Bucket, "generator_state", failing)
+    configs = members(steps=20, eval_every=10)
+    results = train_population(configs, streams="member", lanes=2)
+    assert [r.status for r in results] == ["completed", "error", "completed", "error"]
+    assert all("disk full" in results[i].reason for i in (1, 3))
+    assert_same(train(configs[2]), results[2])
+
+
 @pytest.mark.parametrize("options", [{}, {"g_norm": "batch", "update": "simultaneous"},
                                      {"tricks": {"ema": {"decay": 0.9}, "sn": {"g": 1}}}],
                          ids=["plain", "batch norm", "ema and sn"])
