@@ -107,8 +107,8 @@ def _train_heldout(args: tuple[str, str, dict[str, Any], list[int], str, int]
     study = StudySpec.model_validate_json(study_json)
     configs = heldout_configs(spec, study, params, device, seeds)
     out = []
-    for seed, config, result in zip(seeds, configs, train_population(configs,
-                                                                     streams="member")):
+    results = train_population(configs, streams="member", compile=spec.execution.compile)
+    for seed, config, result in zip(seeds, configs, results):
         row: dict[str, Any] = {k: float(v) for k, v in result.metrics.items()}
         row |= {"status": result.status, "reason": result.reason, "seconds": result.seconds,
                 "g_steps": result.steps, "d_steps": result.steps * config.d_steps,

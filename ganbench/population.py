@@ -17,6 +17,12 @@ drawing K small batches costs K kernel launches per draw; ``streams="shared"`` (
 there) draws one ``[K, B, …]`` batch from a bucket generator instead: members still see
 independent data, but a member's run then depends on its bucket.
 
+With ``compile=True`` each bucket's network forwards (and, through AOTAutograd, their
+backwards) are compiled by ``torch.compile``: element-wise work fuses into the products'
+loops. Compiling costs tens of seconds per bucket shape on a CPU, so it pays off on long
+runs only; where it cannot work (no C++ compiler, D's double backward of the gradient
+penalties) the bucket trains eagerly and one line says why.
+
 What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
 """
 
@@ -64,6 +70,11 @@ log = logging.getLogger(__name__)
 BATCHED_TRICKS = ("clip", "gp", "r1", "r2", "sn", "gradclip", "smooth", "ema", "pack")
 STREAMS = ("auto", "member", "shared")
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train uses
+# Penalties on D's input gradients differentiate D's backward again: compiled graphs' own
+# backwards cannot be differentiated, so such buckets train eagerly.
+UNCOMPILED_TRICKS = ("gp", "r1", "r2")
+# Compiled programs are cached per function; every bucket, net and grad mode is one entry.
+RECOMPILE_LIMIT = 256
 
 # on_eval(member, step, row) -> True to stop that member (pruning); member = index in configs.
 PopOnEval = Callable[[int, int, dict[str, float]], "bool | None"]
@@ -165,7 +176,7 @@ class _Bucket:
     tensor the same way.
     """
 
-    def __init__(self, members: list[_Member], streams: str) -> None:
+    def __init__(self, members: list[_Member], streams: str, compile: bool = False) -> None:
         c = members[0].built
         self.members = members
         self.device, self.dtype = resolve_device(c.device), DTYPES[c.dtype]
@@ -182,6 +193,7 @@ class _Bucket:
         self.step = 0  # the generator step being taken (learning-rate schedules)
         self.tricks = set(c.tricks)
         self.shared = streams == "shared" or (streams == "auto" and self.device.type == "cuda")
+        self.compiled = _compiled_mlp(self) if compile else None
         if self.shared:
             self.rng = torch.Generator(self.device).manual_seed(members[0].config.seed)
         self.d_loss_fn = vmap(self.loss.d)
@@ -269,7 +281,19 @@ class _Bucket:
     def mlp(self, T: dict[str, torch.Tensor], net: str, x: torch.Tensor,
             training: bool = True) -> torch.Tensor:
         """K MLPs at once: x [K, n, in] → [K, n, out]. ``training``: batch norm normalises
-        with the batch's statistics and updates its running ones (as nn.BatchNorm1d)."""
+        with the batch's statistics and updates its running ones (as nn.BatchNorm1d).
+        Training forwards run compiled when the bucket is (evaluations are rare: eager)."""
+        if self.compiled is not None and training and _compile_broken is None:
+            try:
+                return self.compiled(T, net, x)
+            except Exception as exc:  # compiling failed before running: train eagerly
+                _compile_failed(exc)
+                self.compiled = None
+        return self.eager_mlp(T, net, x, training)
+
+    def eager_mlp(self, T: dict[str, torch.Tensor], net: str, x: torch.Tensor,
+                  training: bool = True) -> torch.Tensor:
+        """``mlp`` in eager mode."""
         n = self.layers["g" if net == "ema" else net]
         for i in range(n):
             # bmm then an in-place bias add is faster on CPU than baddbmm; the activation
@@ -606,6 +630,46 @@ class _Bucket:
             self.keep([i for i in range(len(self.members)) if i not in gone])
 
 
+_compile_broken: str | None = None  # why compiling failed in this process (tried once)
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def _compiled_mlp(b: _Bucket) -> Callable[[dict[str, torch.Tensor], str, torch.Tensor],
+                                         torch.Tensor] | None:
+    """Bucket ``b``'s training forward, compiled by ``torch.compile``; None (said once)
+    where it cannot be."""
+    if _compile_broken is not None:
+        return None
+    excluded = sorted(b.tricks & set(UNCOMPILED_TRICKS))
+    if excluded:
+        _say_once(f"buckets with {', '.join(excluded)} train eagerly: a compiled graph's "
+                  "backward cannot be differentiated again")
+        return None
+    program = torch.compile(b.eager_mlp)
+    limits = torch._dynamo.config
+
+    def run(T: dict[str, torch.Tensor], net: str, x: torch.Tensor) -> torch.Tensor:
+        if limits.recompile_limit < RECOMPILE_LIMIT:  # the setting is per thread (lanes)
+            limits.recompile_limit = RECOMPILE_LIMIT
+        return program(T, net, x, True)
+
+    return run
+
+
+def _compile_failed(exc: Exception) -> None:
+    """Compiling failed (e.g. no C++ compiler): every bucket of this process trains eagerly."""
+    global _compile_broken
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    _compile_broken = f"{type(exc).__name__}: {first}"
+    _say_once(f"torch.compile failed here ({_compile_broken}); populations train eagerly")
+
+
 def _member(index: int, config: TrainConfig) -> _Member:
     config.validate()
     built = built_config(config)
@@ -621,6 +685,7 @@ def _member(index: int, config: TrainConfig) -> _Member:
 def train_population(
     configs: Sequence[TrainConfig], on_eval: PopOnEval | None = None,
     on_step: PopOnStep | None = None, streams: str = "auto", lanes: int | None = None,
+    compile: bool = False,
 ) -> list[TrainResult]:
     """Train every config in ``configs``; results in the same order.
 
@@ -634,11 +699,13 @@ def train_population(
     ``on_eval(member, step, row)`` is called after each of a member's evaluations, exactly
     as ``train`` calls its ``on_eval``; returning True stops that member alone (it leaves
     the batch). A member that diverges leaves it too, with ``status="diverged"``.
+    ``compile``: compile each bucket's training forwards (see the module's docstring).
     """
     if streams not in STREAMS:
         raise GanbenchError(f"streams must be one of {', '.join(STREAMS)}, got {streams!r}",
                             "streams")
     tune_allocator()
+    _said.clear()  # each population says once what it cannot do
     start = time.perf_counter()
     results: dict[int, TrainResult] = {}
     buckets: dict[tuple, list[_Member]] = {}
@@ -654,7 +721,7 @@ def train_population(
     shards: list[_Bucket] = []
     for group in shard_groups(list(buckets.values()), lanes):
         try:
-            shards.append(_Bucket(group, streams))
+            shards.append(_Bucket(group, streams, compile))
         except Exception as exc:  # the bucket's program failed: its unfinished members
             _fail_shard(group, exc, start, results)
     _run_shards(shards, lanes, on_eval, on_step, start, results)

@@ -306,7 +306,8 @@ def run_population(study: optuna.Study, trials: Sequence[optuna.Trial], spec: St
             return owner[member] in pruned
 
         results = train_population(configs, on_eval, _stopper(should_stop),
-                                   streams=spec.execution.streams)
+                                   streams=spec.execution.streams,
+                                   compile=spec.execution.compile)
     except KeyboardInterrupt:
         for trial, run in begun:
             _interrupted(study, trial, run)

@@ -283,3 +283,62 @@ def test_a_members_final_generator_is_the_one_train_returns(options):
             assert torch.allclose(result.generator[key].double(), value.double(),
                                   atol=1e-10, rtol=0), key
         assert (result.online is None) == (alone.online is None) == ("tricks" not in options)
+
+
+COMPILED = {
+    "plain": {},
+    "PacGAN's all, EMA, SN of G": dict(PROTOCOL["PacGAN's all"], tricks={
+        "pack": {"m": 2}, "ema": {"decay": 0.9}, "sn": {"g": 1}}),
+}
+
+
+@pytest.mark.parametrize("options", COMPILED.values(), ids=COMPILED.keys())
+def test_compiled_buckets_train_what_train_trains(options, caplog):
+    """With compile=True the training forwards run as compiled graphs (their backwards
+    compiled too), on two lanes, and every member still equals its own `train` run to
+    1e-10 in float64 (relative to its samples' scale where they grew beyond 1): members of different widths, noise dims and D:G ratios, so members
+    leave D steps (the batch shrinks) and graphs are reused across shapes."""
+    from torch._dynamo.utils import counters
+
+    configs = members(steps=40, eval_every=20, **options)
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.WARNING, logger="ganbench.population"):
+        together = train_population(configs, streams="member", compile=True, lanes=2)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    assert "eagerly" not in caplog.text
+    for config, result in zip(configs, together):
+        alone = train(config)  # fused kernels round differently: 1e-10 of the samples' scale
+        assert_same(alone, result, tol=1e-10 * max(1.0, alone.samples.abs().max().item()))
+
+
+def test_penalties_on_input_gradients_train_eagerly_and_say_so(caplog):
+    """A compiled graph's backward cannot be differentiated again: buckets with gp train
+    eagerly, say so once, and still equal `train`."""
+    configs = members(steps=20, eval_every=10, tricks={"gp": {}})
+    with caplog.at_level(logging.WARNING, logger="ganbench.population"):
+        together = train_population(configs, streams="member", compile=True)
+    said = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
+    assert said == ["buckets with gp train eagerly: a compiled graph's backward cannot be "
+                    "differentiated again"]
+    for config, result in zip(configs, together):
+        assert_same(train(config), result)
+
+
+def test_without_a_working_compiler_populations_train_eagerly(monkeypatch, caplog):
+    """No C++ compiler (a real compile attempt with a missing one): one line says so and
+    the population trains eagerly, exactly as `train`."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(population, "_compile_broken", None)
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a cached graph needs no compiler
+    torch._dynamo.reset()  # nor does a graph compiled earlier in this process
+    configs = [dataclasses.replace(c, hidden=c.hidden + 16)
+               for c in members(steps=20, eval_every=10)]
+    with caplog.at_level(logging.WARNING, logger="ganbench.population"):
+        together = train_population(configs, streams="member", compile=True)
+    said = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("torch.compile failed here (") \
+        and "/nonexistent/c++" in said[0] and said[0].endswith("populations train eagerly")
+    for config, result in zip(configs, together):
+        assert_same(train(config), result)
