@@ -19,8 +19,10 @@ for a 2000-step trial at that rate, the ratios to (a) and (b), and the share of 
 measured matmul peak that the networks' matrix products reach. After the mixed scenario,
 a table per bucket shows where its time goes: each bucket's rate one at a time, as a
 population, and that of its bare batched product, which bounds what batching can win; and
-the same population without noise padding. Last, the share of a population's wall time that
-its metrics take under the mog study's evaluation schedule.
+the same population without noise padding. Then the largest same-shape population with its
+forwards compiled (``compile=True``) beside eager: wall and steady rates, and what compiling
+costs. Last, the share of a population's wall time that its metrics take under the mog
+study's evaluation schedule.
 
     python benchmarks/population.py [--steps 200] [--device auto] [--quick]
 """
@@ -42,7 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ganbench.devices import resolve_device  # noqa: E402
-from ganbench.population import bucket_key, train_population, tune_allocator  # noqa: E402
+from ganbench.population import (  # noqa: E402
+    bucket_key,
+    step_flops,
+    train_population,
+    tune_allocator,
+)
 from ganbench.train import TrainConfig, train  # noqa: E402
 
 TRIAL_STEPS = 2000  # the trial length "trials per hour" refers to
@@ -61,20 +68,6 @@ def matmul_peak(device: torch.device) -> float:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def iteration_flops(c: TrainConfig) -> float:
-    """Matmul FLOPs of one generator iteration (d_steps D steps + one G step)."""
-    dims_g = [c.noise_dim, *c.widths("g"), 2]
-    dims_d = [2 * c.pack, *c.widths("d"), 1]
-    outs_d = [w * c.pieces for w in c.widths("d")] + [1]  # maxout: pieces outputs per unit
-    fg = 2 * c.batch_size * sum(a * b for a, b in zip(dims_g, dims_g[1:]))
-    fd = 2 * c.batch_size // c.pack * sum(a * b for a, b in zip(dims_d, outs_d))
-    d_step = fg + 2 * fd + 4 * fd          # fake batch, D on real+fake, D backward
-    g_step = fg + fd + fd + 2 * fg         # G and D forward, D input grads, G backward
-    if c.update == "simultaneous":  # the last D step reuses G's fake batch
-        return c.d_steps * d_step + g_step - fg
-    return c.d_steps * d_step + g_step
 
 
 def configs(kind: str, n: int, steps: int, device: str) -> list[TrainConfig]:
@@ -139,13 +132,13 @@ def bucket_profile(members: list[TrainConfig], seq_seconds: dict[int, float], st
     buckets: dict[tuple, list[TrainConfig]] = {}
     for c in members:
         buckets.setdefault(bucket_key(c), []).append(c)
-    total = sum(iteration_flops(c) for c in members) * steps
+    total = sum(step_flops(c) for c in members) * steps
     print("\n### the mixed population bucket by bucket (GFLOP/s of the matmuls)")
     print(f"{'hidden':>8}{'members':>9}{'% FLOPs':>9}{'seq':>8}{'population':>12}"
           f"{'bare bmm':>10}")
     ceiling = 0.0
     for grp in sorted(buckets.values(), key=lambda g: g[0].hidden):
-        flops = sum(iteration_flops(c) for c in grp) * steps
+        flops = sum(step_flops(c) for c in grp) * steps
         seq = sum(seq_seconds[id(c)] for c in grp)
         pop = timed(lambda grp=grp: train_population(grp), device)
         bare = bmm_rate(len(grp), grp[0].batch_size, grp[0].hidden, device)
@@ -161,7 +154,7 @@ def run_scenario(kind: str, title: str, steps: int, ks: list[int], n_naive: int,
                  ) -> dict[str, float]:
     dev = str(device)
     members = configs(kind, max(ks), steps, dev)
-    flops = {id(c): iteration_flops(c) for c in members}
+    flops = {id(c): step_flops(c) for c in members}
     print(f"\n## {title} — {steps} G steps per member")
     print(f"{'mode':<26}{'members':>8}{'G-it/s':>10}{'trials/h':>10}{'vs seq':>9}"
           f"{'vs pool':>9}{'% peak':>8}")
@@ -240,6 +233,44 @@ def headline(device: torch.device, pool: mp.pool.Pool, n_pool: int, steps: int, 
     return med_seq
 
 
+def _timeline(fn) -> tuple[float, float, float]:
+    """Run ``fn(on_step)``; return its wall seconds, the seconds to its first step report
+    (step 10: compiling happens in the first step) and the seconds per step after it."""
+    marks: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    fn(lambda step, d_loss, g_loss: marks.append((step, time.perf_counter())))
+    wall = time.perf_counter() - start
+    (s0, t0), (s1, t1) = marks[0], marks[-1]
+    return wall, t0 - start, (t1 - t0) / (s1 - s0)
+
+
+def compiled(device: torch.device, steps: int, k: int) -> None:
+    """The same-shape population with its bucket's forwards compiled (``compile=True``)
+    beside eager and one trial at a time: wall rates, steady rates after the first 10 steps
+    (where compiling happens) and the steps it takes compiling to pay for itself."""
+    members = configs("d1", k, steps, str(device))
+    print(f"\n## compiled forwards (torch.compile), same shape K={k}, {steps} G steps")
+    print(f"{'mode':<26}{'members':>8}{'wall G-it/s':>13}{'steady G-it/s':>15}"
+          f"{'first 10 steps':>16}")
+    seq = [_timeline(lambda cb, c=c: train(c, on_step=cb)) for c in members[:4]]
+    rows = {"naive sequential": (4, sum(w for w, _, _ in seq), sum(f for _, f, _ in seq) / 4,
+                                 sum(p for _, _, p in seq) / 4)}
+    for name, flag in (("eager", False), ("compiled", True)):
+        wall, first, per = _timeline(
+            lambda cb, flag=flag: train_population(members, on_step=cb, compile=flag))
+        rows[f"population K={k} {name}"] = (k, wall, first, per / k)
+    for name, (n, wall, first, per) in rows.items():
+        print(f"{name:<26}{n:>8}{n * steps / wall:>13.0f}{1 / per:>15.0f}{first:>15.1f}s")
+    (_, _, f_e, p_e), (_, _, f_c, p_c) = rows[f"population K={k} eager"], \
+        rows[f"population K={k} compiled"]
+    cost = (f_c - 10 * k * p_c) - (f_e - 10 * k * p_e)  # the first steps' extra time
+    seq_per = rows["naive sequential"][3]
+    print(f"steady: compiled {p_e / p_c:.2f}x eager, {seq_per / p_c:.2f}x sequential "
+          f"(eager {seq_per / p_e:.2f}x); compiling costs {cost:.0f} s, repaid after "
+          f"{cost / (k * (p_e - p_c)):.0f} G steps of K={k}" if p_c < p_e else
+          f"steady: compiled {p_e / p_c:.2f}x eager: compiling does not pay here")
+
+
 def metrics_share(device: torch.device, steps: int, every: int) -> None:
     """Share of a population's wall time spent in metrics, with a study's evaluation
     schedule: sliced W1 and modes on 2500 samples every ``every`` steps, exact W1 at the end."""
@@ -269,10 +300,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, K up to 16")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of the headline measurement")
-    parser.add_argument("--only", choices=["d1", "d5", "mixed", "pacgan", "metrics"],
+    parser.add_argument("--only", choices=["d1", "d5", "mixed", "pacgan", "compile",
+                                           "metrics"],
                         action="append", help="run only these scenarios (and the headline)")
     args = parser.parse_args()
-    only = set(args.only or ["d1", "d5", "mixed", "pacgan", "metrics"])
+    only = set(args.only or ["d1", "d5", "mixed", "pacgan", "compile", "metrics"])
     device = resolve_device(args.device)
     tune_allocator()  # for every mode alike: the comparison measures batching alone
     cuda = device.type == "cuda"
@@ -308,6 +340,8 @@ def main() -> None:
                          [k for k in ks if k <= 16], 4, device, pool, n_pool, peak)
         k = 64 if 64 in ks else max(ks)
         speedup = headline(device, pool, n_pool, steps, k, args.rounds)
+    if "compile" in only:  # long enough for the steady rate to show (compiling is per run)
+        compiled(device, 3 * steps, k)
     if "metrics" in only:  # the shipped mog study's schedule (1500 steps, every 250)
         metrics_share(device, 250 if args.quick else 1500, 50 if args.quick else 250)
     print(f"\npopulation speedup vs sequential at K={k}: {speedup:.2f}x")

@@ -257,6 +257,9 @@ def sweep_cmd(
     plan = plan_sweep(spec, _devices(devices))
     how = (f"populations of {spec.execution.size} member(s)"
            if spec.execution.mode == "population" else "one trial at a time")
+    if spec.execution.compile:
+        how += (", compiled" if spec.execution.mode == "population" else
+                " (execution.compile applies to populations: these train eagerly)")
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(plan.devices)} worker(s) on "
                   f"{', '.join(sorted(set(plan.devices)))} · {how}")

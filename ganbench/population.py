@@ -679,7 +679,7 @@ def _member(index: int, config: TrainConfig) -> _Member:
     return _Member(index=index, config=config, built=built, target=target,
                    data=training_data(target, config.pool, config.seed),
                    rng=torch.Generator(device).manual_seed(config.seed),
-                   reference=reference, z_eval=z_eval, cost=step_cost(built))
+                   reference=reference, z_eval=z_eval, cost=step_flops(built))
 
 
 def train_population(
@@ -734,16 +734,19 @@ def train_population(
 MIN_SHARD = 4  # members: smaller shards lose more to per-operation overhead than they gain
 
 
-def step_cost(c: TrainConfig) -> float:
-    """Relative cost of one generator step of a member whose built config (``built_config``)
-    is ``c``: its multiply-adds per sample (G and D, D's steps included) times its batch —
-    what balancing lanes needs."""
-    g = [c.noise_dim, *c.widths("g"), 2]
-    d = [2 * c.pack, *c.widths("d"), 1]
-    outs = [w * c.pieces for w in c.widths("d")] + [1]
-    mac_g = sum(a * b for a, b in zip(g, g[1:]))
-    mac_d = sum(a * b for a, b in zip(d, outs)) / c.pack
-    return c.batch_size * ((c.d_steps + 2) * mac_g + (3 * c.d_steps + 2) * mac_d)
+def step_flops(c: TrainConfig) -> float:
+    """Matrix-product FLOPs of one generator iteration (``d_steps`` D steps and one G step)
+    of a member whose config is ``c``: what balances lanes, and what benchmarks divide by."""
+    dims_g = [c.noise_dim, *c.widths("g"), 2]
+    dims_d = [2 * c.pack, *c.widths("d"), 1]
+    outs_d = [w * c.pieces for w in c.widths("d")] + [1]  # maxout: pieces outputs per unit
+    fg = 2 * c.batch_size * sum(a * b for a, b in zip(dims_g, dims_g[1:]))
+    fd = 2 * c.batch_size // c.pack * sum(a * b for a, b in zip(dims_d, outs_d))
+    d_step = fg + 2 * fd + 4 * fd          # fake batch, D on real+fake, D backward
+    g_step = fg + fd + fd + 2 * fg         # G and D forward, D input grads, G backward
+    if c.update == "simultaneous":  # the last D step reuses G's fake batch
+        return c.d_steps * d_step + g_step - fg
+    return c.d_steps * d_step + g_step
 
 
 def shard_groups(groups: list[list[_Member]], lanes: int) -> list[list[_Member]]:

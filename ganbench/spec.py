@@ -495,7 +495,8 @@ class CompareSpec(BaseModel):
     storage: str | None = None
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
-    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # of the tuning trials
+    # Of the tuning trials; held-out runs are populations anyway, compiled if compile is set.
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
 
     def arm_study(self, target: TargetSpec, arm: str) -> StudySpec:

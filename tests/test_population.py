@@ -296,8 +296,9 @@ COMPILED = {
 def test_compiled_buckets_train_what_train_trains(options, caplog):
     """With compile=True the training forwards run as compiled graphs (their backwards
     compiled too), on two lanes, and every member still equals its own `train` run to
-    1e-10 in float64 (relative to its samples' scale where they grew beyond 1): members of different widths, noise dims and D:G ratios, so members
-    leave D steps (the batch shrinks) and graphs are reused across shapes."""
+    1e-10 in float64 (relative to its samples' scale where they grew beyond 1): members of
+    different widths, noise dims and D:G ratios, so members leave D steps (the batch
+    shrinks) and graphs are reused across shapes."""
     from torch._dynamo.utils import counters
 
     configs = members(steps=40, eval_every=20, **options)
