@@ -143,6 +143,9 @@ TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (de
 
 PopulationOpt = typer.Option(None, "--population", help="Train K members (trials × seeds) "
                              "at once as one batched population (spec: execution).")
+CompileOpt = typer.Option(False, "--compile", help="Compile populations' forwards with "
+                          "torch.compile: faster steps after a compile per bucket shape, for "
+                          "long trials (spec: execution.compile).")
 
 
 def _overrides(sets: list[str], **shortcuts) -> list[str]:
@@ -151,6 +154,8 @@ def _overrides(sets: list[str], **shortcuts) -> list[str]:
     population = shortcuts.pop("population", None)
     if population is not None:
         out += ["execution.mode=population", f"execution.size={population}"]
+    if shortcuts.pop("compile", False):
+        out += ["execution.compile=true"]
     out += [f"{key.replace('__', '.')}={value}" for key, value in shortcuts.items()
             if value is not None]
     return out
@@ -244,14 +249,14 @@ def sweep_cmd(
     devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices, "
                                           "e.g. cuda:0,cuda:2 or cpu."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
-    population: Optional[int] = PopulationOpt,
+    population: Optional[int] = PopulationOpt, compile: bool = CompileOpt,
 ) -> None:
     """Search hyperparameters: run the study to its total of trials, then print the leaderboard.
 
     Rerunning continues where it stopped; raising --trials tops up.
     """
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
-                 workers=workers, population=population)
+                 workers=workers, population=population, compile=compile)
     from ganbench.workers import plan_sweep, run_sweep
 
     plan = plan_sweep(spec, _devices(devices))
@@ -288,11 +293,11 @@ def worker_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, trials: Optional[int] = TrialsOpt,
     device: str = typer.Option("auto", "--device", help="Device of this worker."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
-    population: Optional[int] = PopulationOpt,
+    population: Optional[int] = PopulationOpt, compile: bool = CompileOpt,
 ) -> None:
     """Join a study as one worker (e.g. from another machine, with a shared --storage)."""
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
-                 population=population)
+                 population=population, compile=compile)
     from ganbench.study import storage_label
     from ganbench.workers import join_study
 
@@ -513,6 +518,7 @@ def compare_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
     each best configuration on held-out seeds, test against the baseline arm."""
@@ -523,7 +529,7 @@ def compare_cmd(
     if quick:
         overrides = QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"]
     spec = load_compare(spec_path, overrides + _overrides(
-        sets, storage=storage, tracking__uri=tracking_uri, workers=workers))
+        sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile))
     from ganbench import compare
     from ganbench.workers import default_devices
 

@@ -343,3 +343,21 @@ def test_without_a_working_compiler_populations_train_eagerly(monkeypatch, caplo
         and "/nonexistent/c++" in said[0] and said[0].endswith("populations train eagerly")
     for config, result in zip(configs, together):
         assert_same(train(config), result)
+
+
+def test_compile_flag_compiles_a_sweeps_populations(tmp_path):
+    """`--compile` turns on execution.compile: the sweep says so and completes every trial;
+    without a population it says that it does not apply."""
+    spec_path = write_spec(tmp_path, name="cmp")
+    proc = ganbench("sweep", str(spec_path), "--population", "4", "--compile", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "populations of 4 member(s), compiled" in proc.stdout
+    assert "eagerly" not in proc.stdout + proc.stderr
+    journal = JournalFileBackend(str(tmp_path / "runs/cmp/optuna.log"))
+    study = optuna.load_study(study_name="cmp", storage=optuna.storages.JournalStorage(journal))
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 4
+    proc = ganbench("sweep", str(write_spec(tmp_path, name="plain", trials=1)), "--compile",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "one trial at a time (execution.compile applies to populations: these train " \
+           "eagerly)" in " ".join(proc.stdout.split())
