@@ -144,8 +144,8 @@ TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (de
 PopulationOpt = typer.Option(None, "--population", help="Train K members (trials × seeds) "
                              "at once as one batched population (spec: execution).")
 CompileOpt = typer.Option(False, "--compile", help="Compile populations' forwards with "
-                          "torch.compile: faster steps after a compile per bucket shape, for "
-                          "long trials (spec: execution.compile).")
+                          "torch.compile, once per bucket shape; pays only where fusing "
+                          "element-wise work matters (spec: execution.compile).")
 
 
 def _overrides(sets: list[str], **shortcuts) -> list[str]:

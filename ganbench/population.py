@@ -19,9 +19,10 @@ independent data, but a member's run then depends on its bucket.
 
 With ``compile=True`` each bucket's network forwards (and, through AOTAutograd, their
 backwards) are compiled by ``torch.compile``: element-wise work fuses into the products'
-loops. Compiling costs tens of seconds per bucket shape on a CPU, so it pays off on long
-runs only; where it cannot work (no C++ compiler, D's double backward of the gradient
-penalties) the bucket trains eagerly and one line says why.
+loops. Compiling costs seconds to tens of seconds per bucket shape, and fusion removes only
+element-wise passes: on a 2-core CPU, where products are most of a step, it gains nothing
+(``benchmarks/population.py``). Where it cannot work (no C++ compiler, D's double backward
+of the gradient penalties) the bucket trains eagerly and one line says why.
 
 What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
 """

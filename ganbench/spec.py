@@ -182,8 +182,8 @@ class ExecutionSpec(BaseModel):
     mode: Literal["trial", "population"] = "trial"
     size: int = Field(16, gt=0)                  # members per population
     streams: Literal["auto", "member", "shared"] = "auto"  # see ganbench.population
-    # Compile each bucket's forwards (torch.compile): faster steps after tens of seconds of
-    # compiling per bucket shape on a CPU; for long trials. Results equal to rounding.
+    # Compile each bucket's forwards (torch.compile), at seconds to tens of seconds per bucket
+    # shape; it fuses element-wise work only. Results equal to rounding.
     compile: bool = False
 
 
