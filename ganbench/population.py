@@ -300,7 +300,7 @@ class _Bucket:
             # bmm then an in-place bias add is faster on CPU than baddbmm; the activation
             # runs in place on the fresh product (autograd saves its output, not its input).
             # A 1-wide output (D's logit) as a multiply-and-sum: 3x faster than that
-            # matrix-vector bmm on a CPU, 7-10% of a K=64 step (benchmarks/population.py).
+            # matrix-vector bmm on a CPU, 5-10% of a K=64 step (benchmarks/population.py).
             w = self._weight(T, net, i, training)
             x = (x * w.transpose(1, 2)).sum(-1, keepdim=True) if w.shape[-1] == 1 \
                 and x.device.type == "cpu" else torch.bmm(x, w)
