@@ -19,10 +19,9 @@ independent data, but a member's run then depends on its bucket.
 
 With ``compile=True`` each bucket's network forwards (and, through AOTAutograd, their
 backwards) are compiled by ``torch.compile``: element-wise work fuses into the products'
-loops. Compiling costs seconds to tens of seconds per bucket shape, and fusion removes only
-element-wise passes: on a 2-core CPU, where products are most of a step, it gains nothing
-(``benchmarks/population.py``). Where it cannot work (no C++ compiler, D's double backward
-of the gradient penalties) the bucket trains eagerly and one line says why.
+loops. Compiling costs tens of seconds per bucket shape on a CPU, so it pays off on long
+runs only; where it cannot work (no C++ compiler, D's double backward of the gradient
+penalties) the bucket trains eagerly and one line says why.
 
 What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
 """
@@ -299,11 +298,7 @@ class _Bucket:
         for i in range(n):
             # bmm then an in-place bias add is faster on CPU than baddbmm; the activation
             # runs in place on the fresh product (autograd saves its output, not its input).
-            # A 1-wide output (D's logit) as a multiply-and-sum: 3x faster than that
-            # matrix-vector bmm on a CPU, 5-10% of a K=64 step (benchmarks/population.py).
-            w = self._weight(T, net, i, training)
-            x = (x * w.transpose(1, 2)).sum(-1, keepdim=True) if w.shape[-1] == 1 \
-                and x.device.type == "cpu" else torch.bmm(x, w)
+            x = torch.bmm(x, self._weight(T, net, i, training))
             hidden = i < n - 1
             x = self.batch_norm(T, net, i, x, training) if hidden and self.bn[net] else \
                 x.add_(T[f"{net}.b.{i}"])
