@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from ganbench.recovery import count_trials
 from ganbench.spec import StudySpec
 from ganbench.study import get_storage
-from tests.conftest import cli_env, write_spec
+from tests.conftest import TINY, cli_env, write_spec
 from tests.services import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -298,7 +298,10 @@ def test_a_dead_remote_worker_is_recovered_by_the_other_while_it_runs(tmp_path, 
     wait_for(lambda: optuna.load_study(study_name="stale", storage=storage) is not None)
     study = optuna.load_study(study_name="stale", storage=storage)
     try:
-        wait_for(lambda: any(t.state == TrialState.RUNNING and t.params and
+        # killed once it has sampled all its parameters: a trial killed between two
+        # suggestions re-queues those it had, and the rest are sampled afresh
+        wait_for(lambda: any(t.state == TrialState.RUNNING and
+                             set(t.params) == set(TINY["search"]) and
                              t.user_attrs.get("pid") == victim.pid
                              for t in study.get_trials()), timeout=120)
     except TimeoutError:

@@ -317,6 +317,31 @@ def test_a_trial_failed_by_a_service_is_requeued_not_counted(tmp_path):
     assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == service.number
 
 
+def test_a_trial_lost_between_two_suggestions_keeps_what_it_had_sampled(tmp_path):
+    """A worker killed after sampling some of a trial's parameters: the retry keeps those
+    and samples the rest; a trial lost before sampling anything is not re-queued."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from ganbench.recovery import requeue
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(storage=storage, study_name="s",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    partial, empty = study.ask(), study.ask()
+    hidden = partial.suggest_categorical("hidden", [16, 32])
+    lr_d = partial.suggest_float("lr_d", 1e-4, 1e-2, log=True)
+    for trial in (partial, empty):
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, study.trials[trial.number], "worker died")
+    assert [t.state for t in study.trials].count(TrialState.WAITING) == 1
+    retry = study.ask()
+    params = (retry.suggest_categorical("hidden", [16, 32]),
+              retry.suggest_float("lr_d", 1e-4, 1e-2, log=True),
+              retry.suggest_float("lr_g", 1e-4, 1e-2, log=True))
+    assert params[:2] == (hidden, lr_d) and 1e-4 <= params[2] <= 1e-2
+    assert retry.user_attrs["retry_of"] == partial.number
+
+
 def test_a_sweep_that_ends_short_says_so_and_fails(in_tmp):
     """A trial held RUNNING by a worker on another machine, on a journal (no heartbeats):
     the local workers cannot finish the study, and the sweep says so instead of exit 0."""
