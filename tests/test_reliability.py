@@ -113,7 +113,8 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
         if not lost.params:  # killed between its ask and its sampling: nothing to retry
             assert not retries
             continue
-        assert len(retries) == 1 and retries[0].params == lost.params
+        # a trial killed between two suggestions: its retry keeps those it had sampled
+        assert len(retries) == 1 and lost.params.items() <= retries[0].params.items()
         assert retries[0].state == TrialState.COMPLETE
     runs = mlflow_runs(tmp_path, "killed")
     assert not [r for r in runs if r.info.status == "RUNNING"]
