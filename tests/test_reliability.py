@@ -113,8 +113,10 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
         if not lost.params:  # killed between its ask and its sampling: nothing to retry
             assert not retries
             continue
-        # a trial killed between two suggestions: its retry keeps those it had sampled
+        # the retry keeps every value the lost trial had sampled (all of them, unless it
+        # was killed between two suggestions) and samples the rest
         assert len(retries) == 1 and lost.params.items() <= retries[0].params.items()
+        assert set(retries[0].params) == set(TINY["search"])
         assert retries[0].state == TrialState.COMPLETE
     runs = mlflow_runs(tmp_path, "killed")
     assert not [r for r in runs if r.info.status == "RUNNING"]
