@@ -164,6 +164,18 @@ def _layers(module: nn.Module) -> list[tuple[nn.Linear, nn.BatchNorm1d | None]]:
 TRAINED = ("w", "b", "a")  # stacked tensors that are trained: weight, bias, batch-norm scale
 
 
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm`` whose every member is computed by the same kernel whatever the batch:
+    with one member, torch takes a matrix-vector path for products one wide or one tall
+    (D's output, spectral norm's power iteration), which rounds differently in float32
+    from the batched kernel used for two or more. A lone member is computed as a pair,
+    so a member's run is bit-identical alone and in any group (the pair's second half
+    gets no gradient, and its cost is one member's)."""
+    if a.shape[0] == 1:
+        return torch.bmm(torch.cat([a, a]), torch.cat([b, b]))[:1]
+    return torch.bmm(a, b)
+
+
 class _Bucket:
     """Members of one shape, their weights and optimizer states stacked on dim 0.
 
@@ -270,12 +282,12 @@ class _Bucket:
         if training:
             with torch.no_grad():
                 wd = w.detach()
-                u.copy_(F.normalize(torch.bmm(v.unsqueeze(1), wd).squeeze(1), dim=-1,
+                u.copy_(F.normalize(bmm(v.unsqueeze(1), wd).squeeze(1), dim=-1,
                                     eps=1e-12))
-                v.copy_(F.normalize(torch.bmm(wd, u.unsqueeze(-1)).squeeze(-1), dim=-1,
+                v.copy_(F.normalize(bmm(wd, u.unsqueeze(-1)).squeeze(-1), dim=-1,
                                     eps=1e-12))
             u, v = u.clone(), v.clone()  # later calls update the buffers in place
-        sigma = (u * torch.bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
+        sigma = (u * bmm(v.unsqueeze(1), w).squeeze(1)).sum(-1)
         return w / sigma.view(-1, 1, 1)
 
     def mlp(self, T: dict[str, torch.Tensor], net: str, x: torch.Tensor,
@@ -298,7 +310,7 @@ class _Bucket:
         for i in range(n):
             # bmm then an in-place bias add is faster on CPU than baddbmm; the activation
             # runs in place on the fresh product (autograd saves its output, not its input).
-            x = torch.bmm(x, self._weight(T, net, i, training))
+            x = bmm(x, self._weight(T, net, i, training))
             hidden = i < n - 1
             x = self.batch_norm(T, net, i, x, training) if hidden and self.bn[net] else \
                 x.add_(T[f"{net}.b.{i}"])
