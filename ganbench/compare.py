@@ -10,10 +10,13 @@ without training.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import tempfile
@@ -168,32 +171,261 @@ def _compute(study, seeds: dict[int, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class TuneJob:
+    """Picklable: trials of one arm's study, already asked and sampled, for a worker to
+    train and tell (one population in population mode, else one after another)."""
+
+    spec_json: str                 # the arm's StudySpec as JSON
+    trial_ids: list[int]
+    population: bool               # train the trials as one population
+    device: str = "cpu"
+    threads: int = 1
+    tracking: Any = None           # a tracking.TrackingHandle, or None
+    supervisor: int = 0            # pid of the comparison's process
+
+
+_watching: list[int] = []          # the supervisor this pool process already watches
+
+
+def _tune(job: TuneJob) -> int:
+    """Worker: train and tell the job's trials. SIGINT or SIGTERM marks them interrupted
+    (re-queued with their parameters) and ends the job quietly; returns trials run."""
+    import optuna
+
+    from ganbench.recovery import Heartbeat, stop_on_signals
+    from ganbench.sweep import run_population, run_trial
+
+    if job.supervisor and job.supervisor not in _watching:  # one watcher per process
+        workers.watch_parent(job.supervisor)
+        _watching.append(job.supervisor)
+    workers.set_threads(job.device, job.threads)
+    spec = StudySpec.model_validate_json(job.spec_json)
+    study = open_study(spec)
+    tracker = None
+    if job.tracking is not None:
+        from ganbench.tracking import Tracker
+
+        tracker = Tracker.attach(job.tracking)
+    trials = [optuna.trial.Trial(study, trial_id) for trial_id in job.trial_ids]
+    for trial_id in job.trial_ids:  # a dead worker's trials are recovered by its pid
+        study._storage.set_trial_user_attr(trial_id, "pid", os.getpid())
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_on_signals(stop), Heartbeat(study).beating(*trials):
+            if job.population:
+                return len(run_population(study, trials, spec, job.device, tracker,
+                                          stop.is_set))
+            for trial in trials:
+                if stop.is_set():  # a trial not started is re-queued as interrupted ones
+                    raise KeyboardInterrupt
+                run_trial(study, trial, spec, job.device, tracker, stop.is_set)
+            return len(trials)
+    except KeyboardInterrupt:
+        from ganbench.recovery import INTERRUPTED, fail_trial
+
+        for trial in trials:
+            frozen = study._storage.get_trial(trial._trial_id)
+            if not frozen.state.is_finished():
+                fail_trial(study, frozen, INTERRUPTED, "interrupted (Ctrl-C)")
+        return 0
+
+
+def ask_batch(study, study_spec: StudySpec, size: int) -> list[Any]:
+    """Ask and sample the arm's next ``size`` trials in order, in this process: trial n's
+    parameters depend on the spec's seed, the arm, the target, n and the trials told
+    before the batch, never on which worker trains it or when."""
+    from ganbench.recovery import local_lock
+    from ganbench.sweep import ask_indexed, sample
+
+    asked = []
+    with local_lock(run_dir(study_spec)):
+        for _ in range(size):
+            trial = ask_indexed(study, study_spec)
+            sample(study, trial, study_spec)
+            asked.append(trial)
+    return asked
+
+
+@dataclass
+class _Arm:
+    """One arm on one target as the comparison drives it: tuning batches, then its
+    held-out runs."""
+
+    target: TargetSpec
+    name: str
+    study_spec: StudySpec
+    study: Any
+    tracker: Any
+    pending: int = 0                   # its jobs not yet finished
+    phase: str = "tune"                # tune → heldout → done
+    params: dict[str, Any] | None = None
+    status: str = ""
+    seeds: dict[int, dict[str, Any]] = field(default_factory=dict)
+    started: float = 0.0               # when its held-out runs were dispatched (0: none)
+    result: ArmResult | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.target.name} · {self.name}"
+
+
 def run_arms(spec: CompareSpec, devices: Sequence[str],
              tracker_for: Callable[[str, str], Any] | None = None,
              on_step: Callable[[str], None] | None = None) -> list[ArmResult]:
-    """Tune (unless mode: fixed) and evaluate every arm on every target; resumable."""
-    results = []
+    """Tune (unless mode: fixed) and evaluate every arm on every target; resumable.
+
+    Every arm's study asks ``tuning_batch`` trials at a time in this process, in order,
+    and asks the next batch once the workers have told all of them; the jobs of all arms
+    share one pool of workers (one per device), so workers stay busy while each arm tunes
+    in batches. Which configurations an arm tries therefore depends on neither the number
+    of workers nor their timing, nor on an interruption and resume.
+    """
+    import queue
+
     seeds = heldout_seeds(spec)
+    say = on_step or (lambda line: None)
 
     def terminated(signum: int, frame) -> None:  # SIGTERM stops a comparison as Ctrl-C does
         raise Interrupted(signum)
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminated) if main else None
+    arms = []
+    for target in spec.targets:
+        for arm in spec.arms:
+            study_spec = spec.arm_study(target, arm)
+            arms.append(_Arm(target, arm, study_spec, open_study(study_spec),
+                             tracker_for(target.name, arm) if tracker_for else None))
+    done: queue.Queue = queue.Queue()
+    ready: list[tuple[_Arm, Callable, Any]] = []   # (arm, function, job without a device)
+    free = list(devices)
     try:
         # One pool of worker processes for the whole comparison: starting processes costs
         # seconds, far more than a smoke-sized trial. Leaving it terminates its workers,
         # which mark their running trials first.
         with mp.get_context("spawn").Pool(len(devices)) as pool:
-            for target in spec.targets:
-                for arm in spec.arms:
-                    results.append(_run_arm(spec, target, arm, devices, pool, seeds,
-                                            tracker_for(target.name, arm) if tracker_for
-                                            else None, on_step))
+            while not all(a.phase == "done" for a in arms):
+                for a in arms:
+                    if a.pending == 0 and a.phase != "done":
+                        ready += [(a, fn, job) for fn, job in _advance(spec, a, seeds, say,
+                                                                       len(devices))]
+                while ready and free:
+                    a, fn, job = ready.pop(0)
+                    device = free.pop(0)
+                    job = _on_device(job, device, devices)
+                    pool.apply_async(fn, (job,),
+                                     callback=lambda out, a=a, d=device: done.put((a, d, out)),
+                                     error_callback=lambda exc, a=a, d=device: done.put(
+                                         (a, d, exc)))
+                if not any(a.pending for a in arms):
+                    continue
+                while True:  # in steps, so that a signal is acted on at once
+                    with contextlib.suppress(queue.Empty):
+                        a, device, out = done.get(timeout=0.5)
+                        break
+                free.append(device)
+                a.pending -= 1
+                if isinstance(out, BaseException):
+                    raise out
+                if a.phase == "heldout":
+                    _store_heldout(spec, a, out)
+    except KeyboardInterrupt as exc:  # every arm's run still open ends, KILLED with the reason
+        for a in arms:
+            if a.tracker and a.phase != "done":
+                a.tracker.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})
+        raise
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    return results
+    return [a.result for a in arms]
+
+
+def _on_device(job: Any, device: str, devices: Sequence[str]) -> Any:
+    """A job placed on ``device``, its CPU threads the cores shared out among the workers."""
+    threads = workers.population_threads(list(devices).count("cpu"))
+    if isinstance(job, TuneJob):  # one trial at a time: one thread (processes beat threads)
+        return dataclasses.replace(job, device=device, threads=threads if job.population
+                                   else 1)
+    compare_json, study_json, params, part, _, _ = job
+    return (compare_json, study_json, params, part, device, threads)
+
+
+def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], None],
+             workers_n: int) -> list[tuple[Callable, Any]]:
+    """The arm's next jobs once none is in flight: a tuning batch, its held-out runs, or
+    none (then it is done)."""
+    if a.phase == "tune" and spec.mode == "tune":
+        tracker = a.tracker
+        recover_dead_workers(a.study, tracker.end_lost if tracker else None)
+        trials = a.study.get_trials(deepcopy=False)
+        if not tuning_done(a.study_spec, trials):
+            counted, _ = count_trials(trials)
+            asked = ask_batch(a.study, a.study_spec,
+                              min(spec.tuning_batch, a.study_spec.trials - counted))
+            say(f"{a.label}: tuning ({_tuning_progress(spec, trials)} done), "
+                f"trials {', '.join(str(t.number) for t in asked)}")
+            population = a.study_spec.execution.mode == "population"
+            base = TuneJob(a.study_spec.model_dump_json(), [], population,
+                           tracking=tracker.handle if tracker else None,
+                           supervisor=os.getpid())
+            groups = [asked] if population else [[t] for t in asked]
+            a.pending = len(groups)
+            return [(_tune, dataclasses.replace(base, trial_ids=[t._trial_id for t in g]))
+                    for g in groups]
+        say(f"{a.label}: tuning done ({_tuning_progress(spec, trials)})")
+    if a.phase == "tune":
+        a.phase = "heldout"
+        status, params, key = _arm_state(spec, a.study_spec, a.study)
+        a.status, a.params = status, params
+        if params is None:  # nothing to retrain: named as untuned, left out of the tests
+            say(f"{a.label}: {status}: no held-out runs")
+            if a.tracker:
+                a.tracker.end("FAILED", tags={"status": status})
+            a.result = _arm_result(a.target, a.name, a.study, {}, {}, status)
+            a.phase = "done"
+            return []
+        a.seeds = _stored_seeds(a.study, key)
+        todo = [s for s in seeds if s not in a.seeds]
+        say(f"{a.label}: held-out seeds ({len(seeds) - len(todo)}/{len(seeds)} done)")
+        if todo:
+            a.started = time.perf_counter()
+            # One population per worker, the seeds dealt out among them (a seed's result
+            # does not depend on its group).
+            parts = [todo[i::workers_n] for i in range(min(workers_n, len(todo)))]
+            a.pending = len(parts)
+            return [(_train_heldout, (spec.model_dump_json(), a.study_spec.model_dump_json(),
+                                      params, part, "cpu", 1)) for part in parts]
+    # Every held-out seed is in: its wall time, the arm's result and its MLflow run's end.
+    if a.started:  # members of a population share the wall time
+        wall = time.perf_counter() - a.started
+        a.study.set_user_attr("heldout_wall_seconds", a.study.user_attrs.get(
+            "heldout_wall_seconds", 0.0) + wall)
+        say(f"{a.label}: held-out seeds done ({len(seeds)}/{len(seeds)}, {wall:.0f} s)")
+    chosen = {s: a.seeds[s] for s in seeds}
+    if a.tracker:  # the arm's run ends with its held-out means
+        means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
+                 for m in METRICS if all(m in r for r in chosen.values())}
+        a.tracker.end("FINISHED", means, {"status": a.status})
+    a.result = _arm_result(a.target, a.name, a.study, a.params, chosen, a.status)
+    a.phase = "done"
+    return []
+
+
+def _store_heldout(spec: CompareSpec, a: _Arm, finished: list[tuple[int, dict[str, Any]]]
+                   ) -> None:
+    """Store a held-out job's results in the arm's study as each finishes (resumable)."""
+    for seed, out in finished:
+        # A temporary generator file (database storage) goes to MLflow, then away.
+        temporary = out.pop("checkpoint", None) if a.study_spec.storage is not None else None
+        a.study.set_user_attr(f"eval.{seed}", out)
+        a.seeds[seed] = out
+        if a.tracker:
+            a.tracker.log_eval_seed(a.target.name, a.name, seed, a.params, out, a.study_spec,
+                                    temporary or out.get("checkpoint"))
+        if temporary:
+            shutil.rmtree(Path(temporary).parent, ignore_errors=True)
 
 
 def _tuning_progress(spec: CompareSpec, trials: Sequence[Any]) -> str:
@@ -205,69 +437,6 @@ def _tuning_progress(spec: CompareSpec, trials: Sequence[Any]) -> str:
 def tuning_done(study_spec: StudySpec, trials: Sequence[Any]) -> bool:
     """Has an arm's tuning used its budget (its trials, or the compute they may spend)?"""
     return count_trials(trials)[0] >= study_spec.trials or budget_spent(study_spec, trials)
-
-
-def _run_arm(spec: CompareSpec, target: TargetSpec, arm: str, devices: Sequence[str], pool,
-             seeds: list[int], tracker, on_step) -> ArmResult:
-    study_spec = spec.arm_study(target, arm)
-    study = open_study(study_spec)
-    if spec.mode == "tune":
-        recover_dead_workers(study, tracker.end_lost if tracker else None)
-        trials = study.get_trials(deepcopy=False)
-        if on_step:
-            on_step(f"{target.name} · {arm}: tuning ({_tuning_progress(spec, trials)} done)")
-        if not tuning_done(study_spec, trials):
-            done, _ = count_trials(trials)
-            jobs = workers.worker_jobs(study_spec, devices[:study_spec.trials - done],
-                                       study_spec.trials, None,
-                                       tracker.handle if tracker else None)
-            pool.map(workers.run_worker, jobs)
-            if on_step:
-                trials = study.get_trials(deepcopy=False)
-                on_step(f"{target.name} · {arm}: tuning done "
-                        f"({_tuning_progress(spec, trials)})")
-    status, params, key = _arm_state(spec, study_spec, study)
-    if params is None:  # nothing to retrain: named as untuned, left out of the tests
-        if on_step:
-            on_step(f"{target.name} · {arm}: {status}: no held-out runs")
-        if tracker:
-            tracker.end("FAILED", tags={"status": status})
-        return _arm_result(target, arm, study, {}, {}, status)
-    done_seeds = _stored_seeds(study, key)
-    todo = [s for s in seeds if s not in done_seeds]
-    if on_step:
-        on_step(f"{target.name} · {arm}: held-out seeds ({len(seeds) - len(todo)}/"
-                f"{len(seeds)} done)")
-    # One population per device, the seeds dealt out among them.
-    groups = [(devices[i], todo[i::len(devices)]) for i in range(min(len(devices), len(todo)))]
-    threads = workers.population_threads(sum(1 for device, _ in groups if device == "cpu"))
-    jobs = [(spec.model_dump_json(), study_spec.model_dump_json(), params, part, device,
-             threads) for device, part in groups]
-    start = time.perf_counter()
-    for finished in pool.imap_unordered(_train_heldout, jobs):
-        for seed, out in finished:
-            # A temporary generator file (database storage) goes to MLflow, then away.
-            temporary = out.pop("checkpoint", None) if study_spec.storage is not None \
-                else None
-            study.set_user_attr(f"eval.{seed}", out)  # stored as each finishes: resumable
-            done_seeds[seed] = out
-            if tracker:
-                tracker.log_eval_seed(target.name, arm, seed, params, out, study_spec,
-                                      temporary or out.get("checkpoint"))
-            if temporary:
-                shutil.rmtree(Path(temporary).parent, ignore_errors=True)
-    if jobs:  # wall time of the held-out runs (members of a population share it)
-        study.set_user_attr("heldout_wall_seconds", study.user_attrs.get(
-            "heldout_wall_seconds", 0.0) + time.perf_counter() - start)
-        if on_step:
-            on_step(f"{target.name} · {arm}: held-out seeds done ({len(seeds)}/{len(seeds)}, "
-                    f"{time.perf_counter() - start:.0f} s)")
-    chosen = {s: done_seeds[s] for s in seeds}
-    if tracker:  # the arm's run ends with its held-out means
-        means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
-                 for m in METRICS if all(m in r for r in chosen.values())}
-        tracker.end("FINISHED", means, {"status": status})
-    return _arm_result(target, arm, study, params, chosen, status)
 
 
 def _arm_result(target: TargetSpec, arm: str, study, params: dict[str, Any],
@@ -580,19 +749,16 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     if spec.tracking is not False:
         root = Tracker.for_compare(spec, logged(spec))
 
-    opened: list[Any] = []
-
     def tracker_for(target: str, arm: str):
-        opened.append(root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
-                                                       "ganbench.study": spec.name,
-                                                       "arm": arm, "target": target}))
-        return opened[-1]
+        return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
+                                                "ganbench.study": spec.name,
+                                                "arm": arm, "target": target})
 
     try:
         results = run_arms(spec, device_list, tracker_for if root else None, on_step)
-    except KeyboardInterrupt as exc:  # every run it opened ends, KILLED with the reason
-        for tracker in ([opened[-1]] if opened else []) + ([root] if root else []):
-            tracker.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})
+    except KeyboardInterrupt as exc:  # the arms' runs are ended; the comparison's too
+        if root is not None:
+            root.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})
         raise
     comparison = assemble(spec, results)
     write_report(comparison)

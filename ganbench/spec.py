@@ -490,8 +490,13 @@ class CompareSpec(BaseModel):
     # runs: not the one the tuning chose the best configuration on.
     heldout_eval_seed: int = 4321
     objective: Objective = Field(default_factory=lambda: Objective(metric="w1"))
+    # Each arm and target samples with its own seed, derived from sampler.seed.
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    # Trials of an arm asked together, trained side by side and told before the next are
+    # asked. 1: a sequential search (the arms run side by side instead). What an arm tries
+    # depends on this, never on the number of workers.
+    tuning_batch: int = Field(1, gt=0)
     storage: str | None = None
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
@@ -518,10 +523,21 @@ class CompareSpec(BaseModel):
         return StudySpec(
             name=f"{self.name}__{target.name}__{arm}", target=target, train=train,
             model=model, search=search if self.mode == "tune" else {},
-            objectives=[self.objective], sampler=self.sampler, pruner=self.pruner,
+            objectives=[self.objective], sampler=self.arm_sampler(target, arm),
+            pruner=self.pruner,
             trials=trials, budget=compute, storage=self.storage,
             tracking=self.tracking, workers=self.workers, execution=self.execution,
             heartbeat=self.heartbeat)
+
+    def arm_sampler(self, target: TargetSpec, arm: str) -> SamplerSpec:
+        """The arm's sampler on ``target``: the spec's, seeded for this arm and target
+        (arms do not draw the same candidates; each draws the same on every machine)."""
+        if self.sampler.seed is None:
+            return self.sampler
+        from ganbench.study import derive_seed
+
+        return self.sampler.model_copy(update={
+            "seed": derive_seed(self.sampler.seed, target.name, arm)})
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -22,13 +22,29 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # ---------------------------------------------------------------- samplers and pruners
-def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named in the spec, with its options and seed; worker i > 0 gets
-    seed + i so parallel workers do not draw the same parameters."""
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A seed in [0, 2**32) that depends only on ``seed`` and ``parts`` (names, indices):
+    the same on every machine, Python version and process."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def make_sampler(spec: StudySpec, index: int | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named in the spec, with its options and seed.
+
+    ``index``: the trial it will sample (its position among the study's live and counted
+    trials, see ``sweep.trial_index``). Trial n's sampler is seeded from the spec's seed and
+    n, so what it draws depends on n and on the results already told, not on which worker
+    asks first nor on whether the study was resumed. QMC keeps the spec's seed: it is the
+    scrambling of one sequence whose position Optuna tracks itself.
+    """
     opts = dict(spec.sampler.model_extra or {})
     seed, name = spec.sampler.seed, spec.sampler.name
-    if seed is not None:
-        seed += worker
+    if seed is not None and index is not None and name != "qmc":
+        seed = derive_seed(seed, index)
     cls = getattr(optuna.samplers, SAMPLERS[name])
     if name == "grid":
         space = {k: d.values() for k, d in spec.search.items()}
@@ -201,13 +217,13 @@ def storage_label(spec: StudySpec) -> str:
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None,
-               create: bool = True, worker: int = 0) -> optuna.Study:
+               create: bool = True) -> optuna.Study:
     """Create or load the spec's Optuna study (name = spec.name)."""
     storage = storage or get_storage(spec, create=create)
     if not create:
         try:
             study = optuna.load_study(study_name=spec.name, storage=storage,
-                                      sampler=make_sampler(spec, worker),
+                                      sampler=make_sampler(spec),
                                       pruner=make_pruner(spec))
         except KeyError:
             raise NoStudy(f"no study named {spec.name!r} in the storage") from None
@@ -215,7 +231,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
         return study
     with quiet_warnings():
         study = optuna.create_study(
-            study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
+            study_name=spec.name, storage=storage, sampler=make_sampler(spec),
             pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
     if [d.name.lower() for d in study.directions] != spec.directions:
         raise GanbenchError(f"study {spec.name!r} exists with other objectives; rename the study")
@@ -227,11 +243,6 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
         study.set_user_attr("intermediate_values", pruning_metric(spec.objectives[0].metric))
     if "reference" not in study.user_attrs:
         study.set_user_attr("reference", reference_points(spec))
-    existing = len(study.get_trials(deepcopy=False))
-    if existing:
-        # A resumed seeded sampler would replay the draws of the first run: shift its seed
-        # by the trials already there (still deterministic for a given history).
-        study.sampler = make_sampler(spec, worker + 7919 * existing)
     return study
 
 

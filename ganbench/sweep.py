@@ -38,6 +38,7 @@ from ganbench.recovery import (
     fail_stale,
     fail_trial,
     has_heartbeat,
+    is_counted,
     is_infrastructure,
     local_lock,
     pid_alive,
@@ -45,7 +46,7 @@ from ganbench.recovery import (
 )
 from ganbench.report import points
 from ganbench.spec import StudySpec
-from ganbench.study import open_study, quiet_warnings, run_dir
+from ganbench.study import make_sampler, open_study, quiet_warnings, run_dir
 from ganbench.train import TrainResult, save_checkpoint, train
 
 
@@ -95,13 +96,31 @@ def objective_values(spec: StudySpec, metrics: dict[str, float]) -> list[float]:
     return [float(metrics[o.metric]) for o in spec.objectives]
 
 
+def trial_index(trials: Sequence[FrozenTrial], number: int) -> int:
+    """Trial ``number``'s position in the study's sequence of trials: how many trials before
+    it count or are still to run (complete, pruned, failed by their own fault, running,
+    waiting). Trials lost to a dead worker or an interrupt are skipped (their re-queued
+    copies hold their place), so an uninterrupted run and a resumed one number alike."""
+    live = (TrialState.RUNNING, TrialState.WAITING)
+    return sum(1 for t in trials if t.number < number and (is_counted(t) or t.state in live))
+
+
+def sample(study: optuna.Study, trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """Sample ``trial``'s parameters with the sampler seeded for its index (recorded when it
+    was asked): they depend on the spec's seed, the index and the results told before, not
+    on which worker samples it. Parameters already set (a re-queued trial's) are kept."""
+    index = trial.user_attrs.get("index")
+    study.sampler = make_sampler(spec, index)
+    return suggest(trial, spec)
+
+
 def _begin_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec, device: str,
                  tracker=None) -> tuple[dict[str, Any], Any]:
     """Record where the trial runs, sample its parameters, open its MLflow run."""
     storage = study._storage
     storage.set_trial_user_attr(trial._trial_id, "device", device)
     storage.set_trial_user_attr(trial._trial_id, "execution", spec.execution.mode)
-    params = suggest(trial, spec)
+    params = sample(study, trial, spec)
     return params, (tracker.start_trial(trial, spec, params) if tracker else None)
 
 
@@ -345,19 +364,32 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int,
         if done + running >= total or budget_spent(spec, trials) or \
                 (should_stop is not None and should_stop()):
             return None
-        with quiet_warnings():  # "heartbeat outside Study.optimize": ours beats (Heartbeat)
-            trial = study.ask()
-        storage = study._storage
-        storage.set_trial_user_attr(trial._trial_id, "host", socket.gethostname())
-        storage.set_trial_user_attr(trial._trial_id, "pid", os.getpid())
-        if has_heartbeat(storage):
-            storage.record_heartbeat(trial._trial_id)
+        trial = ask_indexed(study, spec, trials)
     before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
     done, running = count_trials(before)
     if done + running >= total:
         fail_trial(study, study._storage.get_trial(trial._trial_id), SURPLUS,
                    "surplus: the study reached its total elsewhere")
         return None
+    return trial
+
+
+def ask_indexed(study: optuna.Study, spec: StudySpec,
+                trials: Sequence[FrozenTrial] | None = None) -> optuna.Trial:
+    """Ask the study's next trial and record its index (``trial_index``), host, pid and,
+    on a database storage, its first heartbeat. Relative samplers (CMA-ES, GP) draw at
+    asking, so the sampler is seeded for the index the trial will have."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    study.sampler = make_sampler(spec, trial_index(trials, len(trials)))
+    with quiet_warnings():  # "heartbeat outside Study.optimize": ours beats (Heartbeat)
+        trial = study.ask()
+    storage = study._storage
+    index = trial_index(study.get_trials(deepcopy=False), trial.number)
+    for key, value in (("index", index), ("host", socket.gethostname()),
+                       ("pid", os.getpid())):
+        storage.set_trial_user_attr(trial._trial_id, key, value)
+    if has_heartbeat(storage):
+        storage.record_heartbeat(trial._trial_id)
     return trial
 
 
@@ -393,12 +425,12 @@ def budget_spent(spec: StudySpec, trials: Sequence[FrozenTrial]) -> bool:
 
 def worker_loop(spec: StudySpec, device: str, total: int, deadline: float | None = None,
                 tracker=None, on_trial: Callable[[TrialOutcome], None] | None = None,
-                worker: int = 0, on_event: Callable[[str], None] | None = None) -> int:
+                on_event: Callable[[str], None] | None = None) -> int:
     """Run trials until the study holds ``total`` counted trials (or the deadline passes).
     Returns the number of trials this worker ran. SIGINT or SIGTERM stops it at the next
     safe point: its running trials are marked and re-queued, then ``Interrupted`` is
     raised."""
-    study = open_study(spec, worker=worker)
+    study = open_study(spec)
     ran = 0
     heartbeat = Heartbeat(study)
     # SIGINT and SIGTERM only set a flag, acted on at safe points (before asking, every few

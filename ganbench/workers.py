@@ -9,11 +9,9 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -88,7 +86,6 @@ class WorkerJob:
     total: int                     # run trials until the study holds this many counted
     deadline: float | None = None  # time.time() after which no trial starts
     tracking: Any = None           # a tracking.TrackingHandle, or None
-    index: int = 0                 # worker number (sampler seed offset)
     threads: int = 1               # torch threads on CPU
     supervisor: int = 0            # pid of the process that started it (0: not watched)
 
@@ -109,7 +106,7 @@ def run_worker(job: WorkerJob) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return worker_loop(spec, job.device, job.total, job.deadline, tracker,
-                           worker=job.index, on_event=_say)
+                           on_event=_say)
     except KeyboardInterrupt:
         return 0
 
@@ -123,8 +120,8 @@ def worker_jobs(spec: StudySpec, devices: Sequence[str], total: int,
                 deadline: float | None = None, tracking: Any = None) -> list[WorkerJob]:
     """One job per entry of ``devices``, CPU threads shared out among the CPU workers."""
     threads = cpu_threads(spec, list(devices).count("cpu"))
-    return [WorkerJob(spec.model_dump_json(), device, total, deadline, tracking, i, threads,
-                      os.getpid()) for i, device in enumerate(devices)]
+    return [WorkerJob(spec.model_dump_json(), device, total, deadline, tracking, threads,
+                      os.getpid()) for device in devices]
 
 
 def start_workers(spec: StudySpec, devices: Sequence[str], total: int,
@@ -352,11 +349,8 @@ def join_study(spec: StudySpec, device: str = "auto",
     if on_join is not None:
         on_join(dev)
     try:
-        # Workers joined separately (other machines, other shells) must not share a sampler
-        # seed, or they would draw the same configurations: offset it by host and process.
-        offset = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000 + 1
         return worker_loop(spec, dev, spec.trials, deadline, tracker, on_trial,
-                           worker=offset, on_event=on_event)
+                           on_event=on_event)
     finally:
         if tracker is not None:
             tracker.finish(study)
