@@ -486,26 +486,82 @@ def report_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                        "reports/<name>)."),
+    quick: bool = typer.Option(False, "--quick", help="The report of `compare --quick`."),
 ) -> None:
     """Write tables and plots of a study or a comparison from its storage:
-    reports/<name>/index.html."""
-    from ganbench.spec import CompareSpec, load_any
+    reports/<name>/index.html. Without the storage (a fresh clone), from the committed
+    reports/<name>/storage.json.gz."""
+    from ganbench.spec import QUICK, CompareSpec, load_any, read_yaml
 
-    spec = load_any(spec_path, _overrides(sets, storage=storage))
+    quick_sets = QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"] \
+        if quick else []
+    spec = load_any(spec_path, quick_sets + _overrides(sets, storage=storage))
+    from ganbench.study import EXPORT, export_studies, import_studies, stored_storage
+
+    exported = Path("reports") / spec.name / EXPORT
+    source = None  # the spec's own storage
+    if stored_storage(spec) is None:
+        if not exported.is_file():
+            raise GanbenchError(f"no study found for {spec.name!r}: neither its storage nor "
+                                f"{exported} exists (run it first)")
+        console.print(f"no storage for {spec.name}: rebuilding from {exported}")
+        source = import_studies(exported)
     if isinstance(spec, CompareSpec):
         from ganbench.compare import rebuild
 
-        files = rebuild(spec, out).files
+        files = rebuild(spec, out, source).files
     else:
+        from ganbench import provenance
         from ganbench.report import write_study_report
         from ganbench.study import open_study
 
-        study = open_study(spec, create=False)
-        files = write_study_report(study, [(o.metric, o.direction) for o in spec.objectives],
-                                   list(spec.search), out or Path("reports") / spec.name,
-                                   spec.trials)
+        study = open_study(spec, storage=source, create=False)
+        folder = out or Path("reports") / spec.name
+        files = write_study_report(
+            study, [(o.metric, o.direction) for o in spec.objectives], list(spec.search),
+            folder, spec.trials,
+            provenance.report_command(study.user_attrs.get("provenance", [])))
+        files.append(export_studies([study], folder / EXPORT,
+                                    lambda key, value: None if key == "checkpoint" else value))
     for f in files:
         console.print(f"wrote {f}")
+
+
+@app.command("verify")
+def verify_cmd(
+    report_dir: Path = typer.Argument(..., help="A report folder, e.g. reports/tricks.",
+                                      show_default=False),
+    runs: int = typer.Option(4, "--runs", min=1, help="Runs to re-train: held-out runs "
+                             "spread over arms and seeds, or a study's best trials."),
+    all_runs: bool = typer.Option(False, "--all", help="Re-train every run."),
+) -> None:
+    """Re-train runs of a committed report from its provenance and check every metric
+    against the committed value, bit for bit; exit 1 naming each mismatch."""
+    from ganbench.verify import load_provenance, verify
+
+    load_provenance(report_dir)  # a report that cannot be checked: one line, before anything
+    bad = []
+
+    def on_run(check) -> None:
+        if check.mismatches:
+            bad.append(check)
+            diffs = "; ".join(f"{m}: committed {check.values[m][0]!r}, re-trained "
+                              f"{check.values[m][1]!r}" for m in check.mismatches)
+            console.print(f"[red]MISMATCH[/] {check.run}: {diffs}", highlight=False)
+        else:
+            console.print(f"ok {check.run}: {len(check.values)} metrics equal "
+                          f"({', '.join(f'{m} {v[0]:.6g}' for m, v in check.values.items())})",
+                          highlight=False)
+
+    console.print(f"verifying {report_dir}: re-training "
+                  f"{'every run' if all_runs else f'up to {runs} run(s)'} on this CPU")
+    checks = verify(report_dir, None if all_runs else runs, on_run)
+    if bad:
+        console.print(f"[red]{len(bad)} of {len(checks)} run(s) differ from the committed "
+                      "values[/]")
+        raise typer.Exit(1)
+    console.print(f"all {len(checks)} re-trained run(s) equal the committed values, bit for "
+                  "bit")
 
 
 @app.command("compare")
@@ -565,7 +621,7 @@ def compare_cmd(
     power = result.power()
     console.print(f"[yellow]{power}[/]" if power.startswith("warning") else power)
     files = result.files
-    console.print(f"wrote {files[0]}, {files[1]} and {files[-1]}")
+    console.print(f"wrote {files[0]}, {files[1]} and {files[0].parent / 'index.html'}")
 
 
 def _progress() -> Progress:
@@ -579,6 +635,9 @@ def _progress() -> Progress:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user errors become one line on stderr and exit 2."""
     args = sys.argv[1:] if argv is None else argv
+    from ganbench import provenance
+
+    provenance.COMMAND = ["ganbench", *args]  # recorded with what the command makes
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from ganbench import workers
+from ganbench import provenance, workers
 from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
@@ -40,7 +40,7 @@ from ganbench.recovery import (
     recover_dead_workers,
 )
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
-from ganbench.study import get_storage, open_study, run_dir
+from ganbench.study import EXPORT, export_studies, get_storage, open_study, run_dir
 from ganbench.sweep import budget_spent
 from ganbench.train import save_checkpoint
 
@@ -71,6 +71,8 @@ class ArmResult:
     status: str = "tuned"              # tuned | fixed | untuned (N failed/pruned)
     compute: dict[str, float] = field(default_factory=dict)  # what the arm used
     reference: Any = None              # the study's stored evaluation points and centres
+    tuning: list[dict[str, Any]] = field(default_factory=list)  # its tuning trials
+    provenance: list[dict[str, Any]] = field(default_factory=list)  # runs that made it
 
 
 # ---------------------------------------------------------------- running the arms
@@ -259,6 +261,7 @@ class _Arm:
     study: Any
     tracker: Any
     pending: int = 0                   # its jobs not yet finished
+    asked: int = 0                     # tuning trials asked by this run
     phase: str = "tune"                # tune → heldout → done
     params: dict[str, Any] | None = None
     status: str = ""
@@ -276,7 +279,7 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
              on_step: Callable[[str], None] | None = None) -> list[ArmResult]:
     """Tune (unless mode: fixed) and evaluate every arm on every target; resumable.
 
-    Every arm's study asks ``tuning_batch`` trials at a time in this process, in order,
+    Every arm's study asks ``spec.batch`` trials at a time in this process, in order,
     and asks the next batch once the workers have told all of them; the jobs of all arms
     share one pool of workers (one per device), so workers stay busy while each arm tunes
     in batches. Which configurations an arm tries therefore depends on neither the number
@@ -363,7 +366,8 @@ def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], 
         if not tuning_done(a.study_spec, trials):
             counted, _ = count_trials(trials)
             asked = ask_batch(a.study, a.study_spec,
-                              min(spec.tuning_batch, a.study_spec.trials - counted))
+                              min(spec.batch, a.study_spec.trials - counted))
+            a.asked += len(asked)
             say(f"{a.label}: tuning ({_tuning_progress(spec, trials)} done), "
                 f"trials {', '.join(str(t.number) for t in asked)}")
             population = a.study_spec.execution.mode == "population"
@@ -374,7 +378,8 @@ def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], 
             a.pending = len(groups)
             return [(_tune, dataclasses.replace(base, trial_ids=[t._trial_id for t in g]))
                     for g in groups]
-        say(f"{a.label}: tuning done ({_tuning_progress(spec, trials)})")
+        say(f"{a.label}: tuning done ({_tuning_progress(spec, trials)})" if a.asked else
+            f"{a.label}: tuning ({_tuning_progress(spec, trials)} done)")
     if a.phase == "tune":
         a.phase = "heldout"
         status, params, key = _arm_state(spec, a.study_spec, a.study)
@@ -442,26 +447,51 @@ def tuning_done(study_spec: StudySpec, trials: Sequence[Any]) -> bool:
 def _arm_result(target: TargetSpec, arm: str, study, params: dict[str, Any],
                 seeds: dict[int, dict[str, Any]], status: str) -> ArmResult:
     return ArmResult(target.name, arm, params, seeds, status, _compute(study, seeds),
-                     study.user_attrs.get("reference"))
+                     study.user_attrs.get("reference"), tuning_rows(study),
+                     study.user_attrs.get("provenance", []))
 
 
-def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str) -> tuple[StudySpec, Any]:
-    """An arm's study spec and its stored study (None if it has not run); nothing created."""
+def tuning_rows(study) -> list[dict[str, Any]]:
+    """Every finished tuning trial of an arm's study: number, index in the arm's sequence,
+    state, objective value (complete trials), parameters, compute and why it failed."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        attrs = t.user_attrs
+        rows.append({"trial": t.number, "index": attrs.get("index"), "state": t.state.name,
+                     "objective": t.values[0] if t.state.name == "COMPLETE" else None,
+                     "counted": is_counted(t)}
+                    | {f"param.{k}": v for k, v in t.params.items()}
+                    | {"g_steps": attrs.get("g_steps"), "seconds": attrs.get("seconds"),
+                       "reason": attrs.get("fail_reason", ""),
+                       "retry_of": attrs.get("retry_of")})
+    return rows
+
+
+def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str, storage: Any = None
+              ) -> tuple[StudySpec, Any]:
+    """An arm's study spec and its stored study (None if it has not run); nothing created.
+    ``storage``: an Optuna storage to read instead of the spec's (an imported export)."""
     study_spec = spec.arm_study(target, arm)
     try:
-        return study_spec, open_study(study_spec, create=False)
-    except NoStudy:
+        return study_spec, open_study(study_spec, storage=storage, create=False)
+    except (NoStudy, KeyError):
         return study_spec, None
 
 
-def stored_arms(spec: CompareSpec) -> list[ArmResult]:
+def stored_arms(spec: CompareSpec, storage: Any = None,
+                studies: list[Any] | None = None) -> list[ArmResult]:
     """Every arm's held-out results as stored, without training; GanbenchError naming the
-    first arm whose held-out seeds are not all there."""
+    first arm whose held-out seeds are not all there. The arms' studies are appended to
+    ``studies`` when given."""
     results = []
     seeds = heldout_seeds(spec)
     for target in spec.targets:
         for arm in spec.arms:
-            study_spec, study = _open_arm(spec, target, arm)
+            study_spec, study = _open_arm(spec, target, arm, storage)
+            if studies is not None and study is not None:
+                studies.append(study)
             if study is None:
                 raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
                                     "has not run; run `ganbench compare` first")
@@ -670,6 +700,9 @@ class Comparison:
     references: dict[str, Any]               # target → stored evaluation points and centres
     samples: dict[tuple[str, str], Any]      # (target, arm) → first held-out seed's samples
     files: list[Path] = field(default_factory=list)  # the report files written
+    tuning: "pd.DataFrame | None" = None     # every tuning trial of every arm
+    provenance: list[dict[str, Any]] = field(default_factory=list)  # the runs that made it
+    selected: list[dict[str, Any]] = field(default_factory=list)  # each arm's parameters
 
     @property
     def tests(self) -> int:
@@ -699,33 +732,62 @@ def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
     """The per-seed frame, its statistics, each arm's compute and the sample panels."""
     import pandas as pd
 
-    rows, samples, references, arms = [], {}, {}, []
+    rows, samples, references, arms, tuning = [], {}, {}, [], []
     for r in results:
         references[r.target] = r.reference
         arms.append({"target": r.target, "arm": r.arm, "status": r.status} | r.compute |
                     {"params": json.dumps(r.params, sort_keys=True)})
+        tuning += [{"target": r.target, "arm": r.arm} | t for t in r.tuning]
         for seed, out in r.seeds.items():
+            # Which configuration trained the run (param.*); its generator file is local.
             rows.append({"target": r.target, "arm": r.arm, "seed": seed} | {
-                k: v for k, v in out.items() if k not in ("samples", "config")})
+                k: v for k, v in out.items() if k not in ("samples", "config", "checkpoint")}
+                | {f"param.{k}": v for k, v in r.params.items()})
         if r.seeds:
             samples[(r.target, r.arm)] = r.seeds[min(r.seeds)].get("samples")
     runs = pd.DataFrame(rows, columns=None if rows else ["target", "arm", "seed"])
     arm_frame = pd.DataFrame(arms)
     table = compare_stats(runs, spec.baseline)
     table = table.merge(arm_frame.drop(columns="params"), on=["target", "arm"], how="left")
-    return Comparison(spec, runs, table, arm_frame, references, samples)
+    runs_made = next((r.provenance for r in results if r.provenance), [])
+    return Comparison(spec, runs, table, arm_frame, references, samples,
+                      tuning=pd.DataFrame(tuning), provenance=runs_made,
+                      selected=[{"target": r.target, "arm": r.arm, "status": r.status,
+                                 "params": r.params,
+                                 "sampler_seed": spec.arm_sampler(
+                                     next(t for t in spec.targets if t.name == r.target),
+                                     r.arm).seed} for r in results])
 
 
-def write_report(comparison: Comparison, out: Path | None = None) -> list[Path]:
-    """Render the comparison into reports/<name>/ (or ``out``)."""
+def write_report(comparison: Comparison, out: Path | None = None,
+                 studies: Sequence[Any] = ()) -> list[Path]:
+    """Render the comparison into reports/<name>/ (or ``out``), with its provenance and a
+    compact export of its arms' ``studies`` (what ``ganbench report`` rebuilds it from)."""
     from ganbench.report import write_compare_report
 
     spec = comparison.spec
+    folder = out or Path("reports") / spec.name
+    rebuild = provenance.report_command(comparison.provenance)
     comparison.files = write_compare_report(
         comparison.runs, comparison.table, comparison.arms, spec.baseline,
-        comparison.references, comparison.samples, out or Path("reports") / spec.name,
-        f"Comparison {spec.name}", comparison.power())
+        comparison.references, comparison.samples, folder,
+        f"Comparison {spec.name}", comparison.power(), comparison.tuning,
+        {"comparison": spec.name, "runs": comparison.provenance,
+         "selected": comparison.selected, "rebuild": rebuild})
+    if studies:
+        comparison.files.append(export_studies(list(studies), folder / EXPORT, _slim))
     return comparison.files
+
+
+def _slim(key: str, value: Any) -> Any:
+    """What a comparison's export keeps: a tuning trial's drawn samples and local generator
+    paths are dropped, and held-out samples but the first seed's (the one drawn)."""
+    if key in ("samples", "checkpoint"):
+        return None
+    if key.startswith("eval.") and isinstance(value, dict):
+        drop = {"checkpoint"} | ({"samples"} if key != f"eval.{HELDOUT_SEED_BASE}" else set())
+        return {k: v for k, v in value.items() if k not in drop}
+    return value
 
 
 def run(spec: CompareSpec, devices: Sequence[str] | None = None,
@@ -748,6 +810,16 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     get_storage(first)  # an unreachable storage fails here, before any training
     if spec.tracking is not False:
         root = Tracker.for_compare(spec, logged(spec))
+    entry = provenance.collect(
+        logged(spec), device_list, {f"{t.name}/{arm}": spec.arm_sampler(t, arm).seed
+                                    for t in spec.targets for arm in spec.arms},
+        workers.population_threads(device_list.count("cpu")))
+    studies = [open_study(spec.arm_study(t, arm)) for t in spec.targets for arm in spec.arms]
+    for study in studies:
+        provenance.record(study, entry)
+    if root is not None:
+        root.set_tags(provenance.tags(entry))
+    start = time.perf_counter()
 
     def tracker_for(target: str, arm: str):
         return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
@@ -760,17 +832,23 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
         if root is not None:
             root.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})
         raise
+    entry = provenance.finished(entry, time.perf_counter() - start)
+    for study in studies:
+        provenance.record(study, entry)
     comparison = assemble(spec, results)
-    write_report(comparison)
+    comparison.provenance = studies[0].user_attrs.get("provenance", [])  # with its end
+    write_report(comparison, studies=studies)
     if root is not None:
         root.end()
     return comparison
 
 
-def rebuild(spec: CompareSpec, out: Path | None = None) -> Comparison:
-    """The report of a finished comparison from its storage alone (no training)."""
-    comparison = assemble(spec, stored_arms(spec))
-    write_report(comparison, out)
+def rebuild(spec: CompareSpec, out: Path | None = None, storage: Any = None) -> Comparison:
+    """The report of a finished comparison from its storage alone (no training), or from
+    ``storage`` (e.g. its committed export, imported)."""
+    studies: list[Any] = []
+    comparison = assemble(spec, stored_arms(spec, storage, studies))
+    write_report(comparison, out, studies)
     return comparison
 
 

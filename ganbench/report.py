@@ -321,8 +321,9 @@ def figure(path: str, caption: str) -> str:
 
 def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
                        params: Sequence[str], out_dir: str | os.PathLike,
-                       total: int | None = None) -> list[Path]:
-    """reports/<name>/: leaderboard.csv/.md, plots, samples grid and index.html."""
+                       total: int | None = None, rebuild: str = "") -> list[Path]:
+    """reports/<name>/: leaderboard.csv/.md, plots, samples grid, provenance.json (the runs
+    recorded in the study) and index.html; ``rebuild`` is the command that remakes it."""
     out = Path(out_dir)
     multi = len(objectives) > 1
     frame = study_frame(study, objectives)
@@ -344,11 +345,50 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
                  f"<p>Objective: {html.escape(label)}. Full table: "
                  f"<a href='leaderboard.csv'>leaderboard.csv</a>.</p>{table}")]
     sections += [(caption, figure(f, caption)) for f, caption in plots.items()]
+    runs = study.user_attrs.get("provenance", [])
+    write_json(out / "provenance.json", {"study": study.study_name, "runs": runs})
+    sections.append(("How this was made", provenance_html(runs, rebuild)))
+    files.append(out / "provenance.json")
     title = f"Study {study.study_name}"
     if total is not None:
         summary += f" (of {total} planned)"
     atomic_write_text(out / "index.html", html_page(title, f"Trials: {summary}.", sections))
     return files + [out / f for f in plots] + [out / "index.html"]
+
+
+# ---------------------------------------------------------------- provenance
+def provenance_html(runs: Sequence[dict[str, Any]], rebuild: str, selected: str = "") -> str:
+    """How the report was made: each recorded run's command line, code, libraries, machine,
+    workers and wall time, the sampler seeds, and how to rebuild and re-check it."""
+    esc = html.escape
+    parts = []
+    for i, r in enumerate(runs):
+        libs = ", ".join(f"{k} {v}" for k, v in r.get("libraries", {}).items() if v)
+        dirty = {True: " (with uncommitted changes)", False: "", None: ""}[r.get("dirty")]
+        wall = (f"{r['wall_seconds']:.0f} s" if r.get("wall_seconds") is not None
+                else "did not finish (interrupted; a later run resumed it)")
+        seeds = r.get("sampler_seeds", {})
+        shown = ", ".join(f"{k}: {v}" for k, v in list(seeds.items())[:40])
+        parts.append(
+            f"<p><b>Run {i + 1}</b>: <code>{esc(r.get('command') or '(called from Python)')}"
+            f"</code><br>ganbench {esc(str(r.get('ganbench')))}, commit "
+            f"<code>{esc(str(r.get('commit')))}</code>{esc(dirty)}; Python "
+            f"{esc(str(r.get('python')))}; {esc(libs)}<br>{esc(str(r.get('cpu')))}, "
+            f"{esc(str(r.get('cores')))} cores, {esc(str(r.get('platform')))}; "
+            f"{esc(str(r.get('workers')))} worker(s) on "
+            f"{esc(', '.join(r.get('devices', [])))}, {esc(str(r.get('torch_threads')))} "
+            f"torch thread(s) each; started {esc(str(r.get('started')))}, wall {esc(wall)}"
+            f"<br>Sampler seeds ({esc(r.get('seed_rule', ''))}): {esc(shown)}</p>")
+    if not parts:
+        parts.append("<p>No run recorded its provenance (made before ganbench recorded it).</p>")
+    parts.append(selected)
+    parts.append(f"<p>Machine-readable: <a href='provenance.json'>provenance.json</a> (the spec "
+                 "as run, with every override). Rebuild this page without training: "
+                 f"<code>{esc(rebuild)}</code> (from the committed "
+                 "<a href='storage.json.gz'>storage.json.gz</a> where the study's storage is "
+                 "absent). Re-train a subset of its runs and check every metric: "
+                 "<code>ganbench verify &lt;this folder&gt;</code>.</p>")
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------- comparisons
@@ -472,16 +512,25 @@ def compare_html(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
 def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.DataFrame",
                          baseline: str, references: dict[str, Any],
                          samples: dict[tuple[str, str], Any], out_dir: str | os.PathLike,
-                         title: str, power: str = "") -> list[Path]:
-    """compare.csv / compare.md / runs.csv, box plots, a sample grid and index.html, from
-    the per-seed ``runs``, their statistics ``table`` and the ``arms``' status and compute
-    (ganbench.compare computes all three); ``power`` is the design's one-line power note."""
+                         title: str, power: str = "", tuning: "pd.DataFrame | None" = None,
+                         provenance: dict[str, Any] | None = None) -> list[Path]:
+    """compare.csv / compare.md / runs.csv / tuning.csv, box plots, a sample grid,
+    provenance.json and index.html, from the per-seed ``runs``, their statistics ``table``,
+    the ``arms``' status, compute and selected parameters, and every ``tuning`` trial
+    (ganbench.compare computes them); ``power`` is the design's one-line power note and
+    ``provenance`` what ``provenance.json`` holds (``runs``: the recorded runs)."""
     out = Path(out_dir)
     atomic_write_text(out / "compare.csv", table.to_csv(index=False))
     markdown = compare_markdown(table, arms, baseline, power)
     atomic_write_text(out / "compare.md", markdown)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
     files = [out / "compare.csv", out / "compare.md", out / "runs.csv"]
+    if tuning is not None:
+        atomic_write_text(out / "tuning.csv", tuning.to_csv(index=False))
+        files.append(out / "tuning.csv")
+    if provenance is not None:
+        write_json(out / "provenance.json", provenance)
+        files.append(out / "provenance.json")
     figures = []
     for metric in table["metric"].unique():
         compare_boxplots(runs, metric, out / f"box_{metric}.png")
@@ -505,6 +554,13 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
                  "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-seed values: "
                  "<a href='runs.csv'>runs.csv</a>.</p>")]
     sections += [(caption, figure(f, caption)) for f, caption in figures]
+    if provenance is not None:
+        chosen = arms_frame[["target", "arm", "status", "params"]].to_html(
+            index=False, na_rep="")
+        sections.append(("How this was made", provenance_html(
+            provenance.get("runs", []), provenance.get("rebuild", ""),
+            "<p>Selected parameters of each arm (its best tuning trial; every tuning "
+            "trial is in <a href='tuning.csv'>tuning.csv</a>):</p>" + chosen)))
     atomic_write_text(out / "index.html", html_page(title, f"Baseline arm: {baseline}.",
                                                     sections))
     return files + [out / f for f, _ in figures] + [out / "index.html"]

@@ -494,9 +494,10 @@ class CompareSpec(BaseModel):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     # Trials of an arm asked together, trained side by side and told before the next are
-    # asked. 1: a sequential search (the arms run side by side instead). What an arm tries
-    # depends on this, never on the number of workers.
-    tuning_batch: int = Field(1, gt=0)
+    # asked; default: 1 (a sequential search; the arms run side by side instead), or as many
+    # trials as fill a population. What an arm tries depends on this, never on the number
+    # of workers.
+    tuning_batch: int | None = Field(None, gt=0)
     storage: str | None = None
     tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
     workers: int | None = Field(None, gt=0)
@@ -528,6 +529,13 @@ class CompareSpec(BaseModel):
             trials=trials, budget=compute, storage=self.storage,
             tracking=self.tracking, workers=self.workers, execution=self.execution,
             heartbeat=self.heartbeat)
+
+    @property
+    def batch(self) -> int:
+        """Tuning trials an arm asks at a time (``tuning_batch`` or its default)."""
+        if self.tuning_batch is not None:
+            return self.tuning_batch
+        return self.execution.size if self.execution.mode == "population" else 1
 
     def arm_sampler(self, target: TargetSpec, arm: str) -> SamplerSpec:
         """The arm's sampler on ``target``: the spec's, seeded for this arm and target

@@ -211,6 +211,19 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
                         "keeps creating them)")
 
 
+def stored_storage(spec: Any) -> optuna.storages.BaseStorage | None:
+    """The storage of an existing study or comparison (its first arm's), None where it has
+    none yet (a journal file not written, a sqlite file absent); nothing is created."""
+    from ganbench.spec import CompareSpec
+
+    if isinstance(spec, CompareSpec):
+        spec = spec.arm_study(spec.targets[0], spec.baseline)
+    try:
+        return get_storage(spec, create=False)
+    except NoStudy:
+        return None
+
+
 def storage_label(spec: StudySpec) -> str:
     """Where the study is stored, for display and tags."""
     return redact(spec.storage) if spec.storage else str(journal_path(spec))
@@ -314,3 +327,93 @@ def reference_points(spec: StudySpec) -> dict[str, Any]:
     centers = None if target.centers is None else points(target.centers)
     return {"points": points(sample), "centers": centers, "dim": target.dim}
 
+
+
+# ---------------------------------------------------------------- compact exports
+EXPORT = "storage.json.gz"  # beside a report: what `ganbench report` rebuilds it from
+
+
+def export_studies(studies: list[optuna.Study], path: Path,
+                   keep: Callable[[str, Any], Any] | None = None) -> Path:
+    """Write ``studies`` (attributes, every trial with its parameters, distributions,
+    values, intermediate values, user attributes and times) to gzipped JSON at ``path``,
+    written atomically and byte-for-byte the same for the same studies.
+    ``keep(key, value)`` may slim a user attribute (trial's or study's): it returns the
+    value to store, or None to drop it."""
+    import gzip
+    import json
+    import os
+
+    from optuna.distributions import distribution_to_json
+
+    def attrs(items: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in items.items():
+            value = keep(key, value) if keep else value
+            if value is not None:
+                out[key] = value
+        return out
+
+    data = []
+    for study in studies:
+        trials = []
+        for t in study.get_trials(deepcopy=False):
+            trials.append({
+                "number": t.number, "state": t.state.name, "values": t.values,
+                "params": t.params,
+                "distributions": {k: distribution_to_json(d)
+                                  for k, d in t.distributions.items()},
+                "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+                "user_attrs": attrs(t.user_attrs),
+                "start": t.datetime_start.isoformat() if t.datetime_start else None,
+                "complete": t.datetime_complete.isoformat() if t.datetime_complete else None})
+        data.append({"name": study.study_name,
+                     "directions": [d.name.lower() for d in study.directions],
+                     "user_attrs": attrs(study.user_attrs), "trials": trials})
+    # Keys in their stored order: a rebuilt report's columns come out in the same order.
+    text = json.dumps({"format": 1, "studies": data}, allow_nan=True, separators=(",", ":"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:  # mtime 0: the same studies give the same bytes
+        with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+            gz.write(text.encode())
+    os.replace(tmp, path)
+    return path
+
+
+def import_studies(path: Path) -> optuna.storages.BaseStorage:
+    """An in-memory Optuna storage holding the studies of an export (``export_studies``)."""
+    import datetime as dt
+    import gzip
+    import json
+
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    try:
+        data = json.loads(gzip.decompress(Path(path).read_bytes()))
+    except (OSError, ValueError, EOFError) as exc:
+        raise GanbenchError(f"{path}: not a readable study export ({exc})") from None
+    storage = optuna.storages.InMemoryStorage()
+
+    def when(text: str | None) -> dt.datetime | None:
+        return dt.datetime.fromisoformat(text) if text else None
+
+    for s in data["studies"]:
+        study = optuna.create_study(storage=storage, study_name=s["name"],
+                                    directions=s["directions"])
+        for key, value in s["user_attrs"].items():
+            study.set_user_attr(key, value)
+        for t in s["trials"]:
+            state = TrialState[t["state"]]
+            values = t["values"]
+            study.add_trial(FrozenTrial(
+                number=t["number"], state=state, value=None, values=values,
+                datetime_start=when(t["start"]), datetime_complete=when(t["complete"]),
+                params=t["params"],
+                distributions={k: json_to_distribution(d)
+                               for k, d in t["distributions"].items()},
+                user_attrs=t["user_attrs"], system_attrs={},
+                intermediate_values={int(k): v for k, v in t["intermediate"].items()},
+                trial_id=0))
+    return storage

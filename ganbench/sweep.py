@@ -110,6 +110,8 @@ def sample(study: optuna.Study, trial: optuna.Trial, spec: StudySpec) -> dict[st
     was asked): they depend on the spec's seed, the index and the results told before, not
     on which worker samples it. Parameters already set (a re-queued trial's) are kept."""
     index = trial.user_attrs.get("index")
+    if index is None:  # asked by another version: its position now
+        index = trial_index(study.get_trials(deepcopy=False), trial.number)
     study.sampler = make_sampler(spec, index)
     return suggest(trial, spec)
 
@@ -387,7 +389,7 @@ def ask_indexed(study: optuna.Study, spec: StudySpec,
     index = trial_index(study.get_trials(deepcopy=False), trial.number)
     for key, value in (("index", index), ("host", socket.gethostname()),
                        ("pid", os.getpid())):
-        storage.set_trial_user_attr(trial._trial_id, key, value)
+        trial.set_user_attr(key, value)  # through the trial: ``sample`` reads its copy
     if has_heartbeat(storage):
         storage.record_heartbeat(trial._trial_id)
     return trial

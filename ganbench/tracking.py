@@ -252,6 +252,16 @@ class Tracker:
         except Exception as exc:
             print(f"warning: tracking: could not end run: {_one_line(exc)}", file=sys.stderr)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag this tracker's own run (e.g. with its provenance); a failure is a warning."""
+        try:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.handle.parent_run_id,
+                                  tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        except Exception as exc:
+            print(f"warning: tracking: could not tag run: {_one_line(exc)}", file=sys.stderr)
+
     def end_lost(self, trial, reason: str) -> None:
         """Close the MLflow run of a trial whose worker died (it was left RUNNING)."""
         run_id = trial.user_attrs.get("mlflow_run_id")

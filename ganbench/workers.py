@@ -273,7 +273,16 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
               on_event: Callable[[str], None] | None = None) -> Snapshot:
     """Run a planned sweep to its total; MLflow runs left open by an earlier kill or by this
     run's interruption are closed, and the study's parent run is ended in every case."""
+    from ganbench import provenance
+
     tracker = plan.tracker
+    spec = plan.spec
+    entry = provenance.collect(logged(spec), plan.devices, {spec.name: spec.sampler.seed},
+                               cpu_threads(spec, plan.devices.count("cpu")))
+    provenance.record(plan.study, entry)
+    if tracker is not None:
+        tracker.set_tags(provenance.tags(entry))
+    start = time.perf_counter()
     try:
         if tracker is not None:
             # Dead workers' trials first: a run whose trial was still RUNNING is an orphan
@@ -283,6 +292,7 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
             tracker.close_orphans(plan.study)
         snap = supervise(plan.spec, plan.devices, tracker and tracker.handle, on_poll,
                          on_lost=tracker and tracker.end_lost)
+        provenance.record(plan.study, provenance.finished(entry, time.perf_counter() - start))
         if tracker is not None:
             try:
                 if (line := register_best(plan.spec, plan.study, tracker)) and on_event:
