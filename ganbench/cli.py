@@ -502,8 +502,10 @@ def report_cmd(
     source = None  # the spec's own storage
     if stored_storage(spec) is None:
         if not exported.is_file():
-            raise GanbenchError(f"no study found for {spec.name!r}: neither its storage nor "
-                                f"{exported} exists (run it first)")
+            kind, command = ("comparison", "compare") if isinstance(spec, CompareSpec) \
+                else ("study", "sweep")
+            raise GanbenchError(f"{kind} {spec.name!r} has not run; run `ganbench {command}` "
+                                f"first (nor is there a {exported} to rebuild from)")
         console.print(f"no storage for {spec.name}: rebuilding from {exported}")
         source = import_studies(exported)
     if isinstance(spec, CompareSpec):

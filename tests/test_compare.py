@@ -243,7 +243,8 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     # float32 rounding.
     assert rescore(config, g)["w1"] == pytest.approx(row["w1"], rel=1e-5)
     page = (out / "index.html").read_text()  # the results as HTML tables, best marked
-    assert "<pre>" not in page and page.count("<table") == 2 and "plain (baseline)" in page
+    # Tables: the target's results, the compute per arm, the selected parameters.
+    assert "<pre>" not in page and page.count("<table") == 3 and "plain (baseline)" in page
     n_metrics = table[table["arm"] == "plain"]["metric"].nunique()
     assert n_metrics <= page.count("★") <= 3 * n_metrics  # rank 1 per metric (ties share)
     # Resumes like a sweep: a rerun trains nothing new and gives the same table.
