@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -231,7 +232,10 @@ def _tune(job: TuneJob) -> int:
             frozen = study._storage.get_trial(trial._trial_id)
             if not frozen.state.is_finished():
                 fail_trial(study, frozen, INTERRUPTED, "interrupted (Ctrl-C)")
-        return 0
+        # The comparison is stopping: leave the pool now (a pool process would otherwise
+        # wait for its next task, and the pool's terminate for it).
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def ask_batch(study, study_spec: StudySpec, size: int) -> list[Any]:

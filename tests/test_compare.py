@@ -1,6 +1,7 @@
 """Comparisons: statistics checked against independent computations, held-out runs that
 are held out, untuned arms, compute budgets and one experiment per study."""
 
+import json
 import math
 
 import numpy as np
@@ -407,3 +408,73 @@ def test_a_bad_comparison_file_is_one_line_and_creates_nothing(tmp_path, change,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---------------------------------------------------------------- reproducible by construction
+REPRODUCED = ["target", "arm", "seed", "w1", "sliced_w1", "modes", "hq", "kl", "g_steps",
+              "param.lr_g"]
+
+
+def tuning_by_index(folder) -> pd.DataFrame:
+    tuning = pd.read_csv(folder / "reports/cmp/tuning.csv")
+    return tuning[tuning["counted"]].sort_values(["arm", "index"])[
+        ["arm", "index", "state", "objective", "param.lr_g"]].reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_tuning_and_results_do_not_depend_on_workers_or_an_interruption(tmp_path):
+    """The same comparison with 1 and 2 workers, and with 2 workers interrupted mid-tuning
+    and resumed, tries the same configurations and gives bit-identical held-out runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ganbench.study import derive_seed
+    from tests.conftest import cli_env
+
+    changes = dict(budget=4, eval_seeds=2, tuning_batch=2,
+                   train={"steps": 300, "eval_every": 100, "eval_samples": 256,
+                          "batch_size": 64})
+    folders = {name: tmp_path / name for name in ("one", "two", "resumed")}
+    for folder in folders.values():
+        folder.mkdir()
+        write(folder, **changes)
+    for name, workers in (("one", "1"), ("two", "2")):
+        proc = ganbench("compare", "cmp.yaml", "--workers", workers, cwd=folders[name])
+        assert proc.returncode == 0, proc.stderr
+    # Interrupted once two tuning trials of some arm are told, then run again.
+    folder = folders["resumed"]
+    proc = subprocess.Popen([sys.executable, "-m", "ganbench", "compare", "cmp.yaml",
+                             "--workers", "2"], cwd=folder, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while "tuning (2/4 trials done)" not in (folder / "out.txt").read_text() \
+            if (folder / "out.txt").exists() else True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        with open(folder / "out.txt", "a") as fh:
+            fh.write(line)
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (folder / "reports").exists()  # stopped before the end
+    again = ganbench("compare", "cmp.yaml", "--workers", "2", cwd=folder)
+    assert again.returncode == 0, again.stderr
+    runs = {name: pd.read_csv(f / "reports/cmp/runs.csv")[REPRODUCED]
+            for name, f in folders.items()}
+    tuning = {name: tuning_by_index(f) for name, f in folders.items()}
+    for name in ("two", "resumed"):
+        pd.testing.assert_frame_equal(runs[name], runs["one"], check_exact=True)
+        pd.testing.assert_frame_equal(tuning[name], tuning["one"], check_exact=True)
+    # Four different configurations per arm (each trial has its own draw), and arms that
+    # share a search space do not share their candidates (each has its own seed).
+    lrs = tuning["one"].groupby("arm")["param.lr_g"].apply(tuple)
+    assert all(len(set(lrs[arm])) == 4 for arm in ("plain", "pacgan2"))
+    assert not set(lrs["plain"]) & set(lrs["pacgan2"])
+    provenance = json.loads((folders["one"] / "reports/cmp/provenance.json").read_text())
+    assert provenance["runs"][-1]["sampler_seeds"] == {
+        f"ring/{arm}": derive_seed(0, "ring", arm) for arm in COMPARE["arms"]}
+    resumed = json.loads((folder / "reports/cmp/provenance.json").read_text())["runs"]
+    assert len(resumed) == 2 and "wall_seconds" not in resumed[0]  # the interrupted run
