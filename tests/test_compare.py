@@ -371,6 +371,13 @@ def test_every_mlflow_run_of_a_comparison_ends(tmp_path, mlflow_server):
     assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     arms = [r for r in runs if r.data.tags.get("ganbench.role") == "arm"]
     assert len(arms) == 3 and all(r.info.status == "FINISHED" for r in arms)
+    # The comparison's run carries its provenance, as its report does.
+    (parent,) = [r for r in runs if r.data.tags.get("ganbench.role") == "compare"]
+    made = json.loads((tmp_path / "reports/cmp/provenance.json").read_text())["runs"][-1]
+    assert parent.data.tags["ganbench.commit"] == made["commit"] is not None
+    assert parent.data.tags["ganbench.command"] == f"ganbench compare {path}"
+    assert parent.data.tags["ganbench.lib.torch"] == made["libraries"]["torch"]
+    assert parent.data.tags["ganbench.workers"] == str(made["workers"])
     table = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
     for run in arms:
         values = table.loc[table["arm"] == run.data.tags["arm"], "w1"]
