@@ -598,7 +598,9 @@ def compare_cmd(
                   + ("fixed configurations" if spec.mode == "fixed" else
                      f"tune: budget {spec.budget.label()} per arm")
                   + f" · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
-    step = iter(range(1, 4 * n + 1))  # each arm: tuning, its end, held-out runs, their end
+    # Each arm: a line per tuning batch, the tuning's end, held-out runs, their end.
+    batches = -(-(spec.budget.trials or 0) // spec.batch) if spec.mode == "tune" else 0
+    step = iter(range(1, (3 + batches) * n + 1))
     result = compare.run(spec, device_list,
                          lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
     for target, sub in result.table.groupby("target", sort=False):

@@ -151,6 +151,16 @@ class TargetSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A seed in [0, 2**32) that depends only on ``seed`` and ``parts`` (names, indices):
+    the same on every machine, Python version and process."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 class SamplerSpec(BaseModel):
     """``name``, ``seed`` and any keyword options of the Optuna sampler."""
 
@@ -542,8 +552,6 @@ class CompareSpec(BaseModel):
         (arms do not draw the same candidates; each draws the same on every machine)."""
         if self.sampler.seed is None:
             return self.sampler
-        from ganbench.study import derive_seed
-
         return self.sampler.model_copy(update={
             "seed": derive_seed(self.sampler.seed, target.name, arm)})
 

@@ -16,22 +16,12 @@ import optuna
 
 from ganbench.errors import GanbenchError, NoStudy, SpecError, redact
 from ganbench.recovery import exception_chain, retry_callback
-from ganbench.spec import PRUNERS, SAMPLERS, StudySpec
+from ganbench.spec import PRUNERS, SAMPLERS, StudySpec, derive_seed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # ---------------------------------------------------------------- samplers and pruners
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A seed in [0, 2**32) that depends only on ``seed`` and ``parts`` (names, indices):
-    the same on every machine, Python version and process."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
 def make_sampler(spec: StudySpec, index: int | None = None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named in the spec, with its options and seed.
 

@@ -35,19 +35,23 @@ ALLOWED = {
     "tracking": {"errors", "config", "report", "targets"},
     "sweep": {"config", "metrics", "recovery", "report", "spec", "study", "train",
               "population"},
-    "workers": {"errors", "devices", "recovery", "spec", "study", "sweep", "tracking", "train"},
-    "compare": {"config", "errors", "metrics", "population", "recovery", "report", "spec", "study",
-                "sweep", "tracking", "train", "workers"},
-    "cli": {"compare", "devices", "errors", "metrics", "recovery", "report", "spec", "study",
-            "targets", "tracking", "train", "workers", "__init__"},
+    "provenance": set(),
+    "workers": {"errors", "devices", "provenance", "recovery", "spec", "study", "sweep",
+                "tracking", "train"},
+    "compare": {"config", "errors", "metrics", "population", "provenance", "recovery", "report",
+                "spec", "study", "sweep", "tracking", "train", "workers"},
+    "verify": {"compare", "errors", "metrics", "population", "provenance", "spec", "study",
+               "sweep", "train"},
+    "cli": {"compare", "devices", "errors", "metrics", "provenance", "recovery", "report", "spec",
+            "study", "targets", "tracking", "train", "verify", "workers", "__init__"},
     "__init__": set(),  # re-exports by name, loaded lazily (see test_lazy_imports)
     "__main__": {"cli"},
 }
 # module → libraries it must not import: Optuna only from the sweep layer up, MLflow only
 # in tracking, torch never in the report or the plain-data modules.
 NO_OPTUNA = {"errors", "metrics", "targets", "models", "losses", "devices", "tricks",
-             "config", "train", "population", "spec", "tracking"}
-NO_TORCH = {"errors", "report", "recovery", "spec", "config"}
+             "config", "train", "population", "spec", "tracking", "provenance"}
+NO_TORCH = {"errors", "report", "recovery", "spec", "config", "provenance"}
 
 
 def imports(module: str) -> set[str]:
