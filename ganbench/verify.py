@@ -94,8 +94,9 @@ def verify(folder: Path, runs: int | None = DEFAULT_RUNS,
 def _verify_comparison(folder: Path, data: dict[str, Any], entry: dict[str, Any],
                        runs: int | None) -> list[RunCheck]:
     import pandas as pd
+    import torch
 
-    from ganbench.compare import heldout_configs
+    from ganbench.compare import heldout_configs, heldout_groups, heldout_seeds
     from ganbench.population import train_population
     from ganbench.spec import CompareSpec
 
@@ -114,17 +115,25 @@ def _verify_comparison(folder: Path, data: dict[str, Any], entry: dict[str, Any]
         if k < len(rows):
             order.append(rows.iloc[k])
     chosen = order if runs is None else order[:runs]
-    configs = []
+    # Each run re-trained in the population it was trained in (its fixed held-out group),
+    # each group once, with the workers' torch threads.
+    torch.set_num_threads(int(entry.get("torch_threads") or 1))
+    trained: dict[tuple[str, str, tuple[int, ...]], dict[int, Any]] = {}
+    checks = []
     for row in chosen:
-        target = next(t for t in spec.targets if t.name == row["target"])
-        params = selected[(row["target"], row["arm"])]
-        study = spec.arm_study(target, row["arm"])
-        configs += heldout_configs(spec, study, params, "cpu", [int(row["seed"])])
-    results = train_population(configs, streams="member") if configs else []
-    return [RunCheck(f"{row['target']} · {row['arm']} · seed {int(row['seed'])}",
-                     {m: (float(row[m]), float(result.metrics.get(m, math.nan)))
-                      for m in metrics})
-            for row, result in zip(chosen, results)]
+        seed = int(row["seed"])
+        group = next(g for g in heldout_groups(heldout_seeds(spec)) if seed in g)
+        key = (row["target"], row["arm"], tuple(group))
+        if key not in trained:
+            target = next(t for t in spec.targets if t.name == row["target"])
+            study = spec.arm_study(target, row["arm"])
+            configs = heldout_configs(spec, study, selected[key[:2]], "cpu", group)
+            trained[key] = dict(zip(group, train_population(configs, streams="member")))
+        result = trained[key][seed]
+        checks.append(RunCheck(f"{row['target']} · {row['arm']} · seed {seed}",
+                               {m: (float(row[m]), float(result.metrics.get(m, math.nan)))
+                                for m in metrics}))
+    return checks
 
 
 def _verify_study(folder: Path, entry: dict[str, Any], runs: int | None) -> list[RunCheck]:

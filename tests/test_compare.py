@@ -485,3 +485,10 @@ def test_tuning_and_results_do_not_depend_on_workers_or_an_interruption(tmp_path
         f"ring/{arm}": derive_seed(0, "ring", arm) for arm in COMPARE["arms"]}
     resumed = json.loads((folder / "reports/cmp/provenance.json").read_text())["runs"]
     assert len(resumed) == 2 and "wall_seconds" not in resumed[0]  # the interrupted run
+
+
+def test_held_out_seeds_train_in_two_fixed_populations():
+    from ganbench.compare import heldout_groups
+
+    assert heldout_groups([1000, 1001, 1002, 1003, 1004]) == [[1000, 1002, 1004], [1001, 1003]]
+    assert heldout_groups([1000]) == [[1000]]
