@@ -491,11 +491,10 @@ def report_cmd(
     """Write tables and plots of a study or a comparison from its storage:
     reports/<name>/index.html. Without the storage (a fresh clone), from the committed
     reports/<name>/storage.json.gz."""
-    from ganbench.spec import QUICK, CompareSpec, load_any, read_yaml
+    from ganbench.spec import CompareSpec, load_any, quick_overrides
 
-    quick_sets = QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"] \
-        if quick else []
-    spec = load_any(spec_path, quick_sets + _overrides(sets, storage=storage))
+    spec = load_any(spec_path, (quick_overrides(spec_path) if quick else []) +
+                    _overrides(sets, storage=storage))
     from ganbench.study import EXPORT, export_studies, import_studies, stored_storage
 
     exported = Path("reports") / spec.name / EXPORT
@@ -581,11 +580,9 @@ def compare_cmd(
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
     each best configuration on held-out seeds, test against the baseline arm."""
     from ganbench.report import summary
-    from ganbench.spec import QUICK, load_compare, read_yaml
+    from ganbench.spec import load_compare, quick_overrides
 
-    overrides = []
-    if quick:
-        overrides = QUICK + [f"name={read_yaml(spec_path).get('name', 'compare')}-quick"]
+    overrides = quick_overrides(spec_path) if quick else []
     spec = load_compare(spec_path, overrides + _overrides(
         sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile))
     from ganbench import compare

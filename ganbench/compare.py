@@ -237,12 +237,11 @@ def _tune(job: TuneJob) -> int:
                 run_trial(study, trial, spec, job.device, tracker, stop.is_set)
             return len(trials)
     except KeyboardInterrupt:
-        from ganbench.recovery import INTERRUPTED, fail_trial
+        from ganbench.sweep import _interrupted
 
-        for trial in trials:
-            frozen = study._storage.get_trial(trial._trial_id)
-            if not frozen.state.is_finished():
-                fail_trial(study, frozen, INTERRUPTED, "interrupted (Ctrl-C)")
+        for trial in trials:  # those not started yet (a started one marked itself)
+            if not study._storage.get_trial(trial._trial_id).state.is_finished():
+                _interrupted(study, trial, None)
         # The comparison is stopping: leave the pool now (a pool process would otherwise
         # wait for its next task, and the pool's terminate for it).
         sys.stdout.flush()
@@ -291,14 +290,16 @@ class _Arm:
 
 def run_arms(spec: CompareSpec, devices: Sequence[str],
              tracker_for: Callable[[str, str], Any] | None = None,
-             on_step: Callable[[str], None] | None = None) -> list[ArmResult]:
+             on_step: Callable[[str], None] | None = None,
+             studies: Sequence[Any] | None = None) -> list[ArmResult]:
     """Tune (unless mode: fixed) and evaluate every arm on every target; resumable.
 
     Every arm's study asks ``spec.batch`` trials at a time in this process, in order,
     and asks the next batch once the workers have told all of them; the jobs of all arms
     share one pool of workers (one per device), so workers stay busy while each arm tunes
     in batches. Which configurations an arm tries therefore depends on neither the number
-    of workers nor their timing, nor on an interruption and resume.
+    of workers nor their timing, nor on an interruption and resume. ``studies``: the arms'
+    studies already opened, in target × arm order.
     """
     import queue
 
@@ -310,12 +311,12 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminated) if main else None
-    arms = []
-    for target in spec.targets:
-        for arm in spec.arms:
-            study_spec = spec.arm_study(target, arm)
-            arms.append(_Arm(target, arm, study_spec, open_study(study_spec),
-                             tracker_for(target.name, arm) if tracker_for else None))
+    pairs = [(target, arm) for target in spec.targets for arm in spec.arms]
+    if studies is None:
+        studies = [open_study(spec.arm_study(target, arm)) for target, arm in pairs]
+    arms = [_Arm(target, arm, spec.arm_study(target, arm), study,
+                 tracker_for(target.name, arm) if tracker_for else None)
+            for (target, arm), study in zip(pairs, studies)]
     done: queue.Queue = queue.Queue()
     ready: list[tuple[_Arm, Callable, Any]] = []   # (arm, function, job without a device)
     free = list(devices)
@@ -327,8 +328,7 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
             while not all(a.phase == "done" for a in arms):
                 for a in arms:
                     if a.pending == 0 and a.phase != "done":
-                        ready += [(a, fn, job) for fn, job in _advance(spec, a, seeds, say,
-                                                                       len(devices))]
+                        ready += [(a, fn, job) for fn, job in _advance(spec, a, seeds, say)]
                 while ready and free:
                     a, fn, job = ready.pop(0)
                     device = free.pop(0)
@@ -370,8 +370,8 @@ def _on_device(job: Any, device: str, devices: Sequence[str]) -> Any:
     return (compare_json, study_json, params, part, device, threads)
 
 
-def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], None],
-             workers_n: int) -> list[tuple[Callable, Any]]:
+def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], None]
+             ) -> list[tuple[Callable, Any]]:
     """The arm's next jobs once none is in flight: a tuning batch, its held-out runs, or
     none (then it is done)."""
     if a.phase == "tune" and spec.mode == "tune":
@@ -841,7 +841,8 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
                                                 "arm": arm, "target": target})
 
     try:
-        results = run_arms(spec, device_list, tracker_for if root else None, on_step)
+        results = run_arms(spec, device_list, tracker_for if root else None, on_step,
+                           studies)
     except KeyboardInterrupt as exc:  # the arms' runs are ended; the comparison's too
         if root is not None:
             root.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})

@@ -479,6 +479,11 @@ QUICK = ["budget=2", "eval_seeds=2", "train.steps=200", "train.eval_every=100",
 ArmSection = _section("ArmSection", MODEL_FIELDS + TRAIN_FIELDS)
 
 
+def quick_overrides(path: str | Path) -> list[str]:
+    """The overrides of ``--quick``: QUICK, and the name ``<name>-quick``."""
+    return QUICK + [f"name={read_yaml(path).get('name', 'compare')}-quick"]
+
+
 class CompareSpec(BaseModel):
     """A budget-fair comparison of arms (loss + tricks + fixed values) over held-out seeds."""
 
