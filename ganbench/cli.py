@@ -474,10 +474,12 @@ def _compare_status(spec) -> None:
     table = Table(title=f"comparison {spec.name}: " + (
         "fixed configurations" if spec.mode == "fixed" else
         f"tune, budget {spec.budget.label()} per arm"))
-    for col in ("target", "arm", "tuning", "held-out seeds"):
+    columns = ["target", "arm"] + (["replicate"] if spec.tuning_replicates > 1 else [])
+    for col in columns + ["tuning", "held-out seeds"]:
         table.add_column(col, justify="left" if col in ("target", "arm") else "right")
     for p in progress(spec):
-        table.add_row(p.target, p.arm, p.tuning, f"{p.heldout}/{p.seeds}")
+        table.add_row(p.target, p.arm, *([str(p.replicate)] if len(columns) > 2 else []),
+                      p.tuning, f"{p.heldout}/{p.seeds}")
     console.print(table)
 
 
@@ -589,7 +591,7 @@ def compare_cmd(
     from ganbench.workers import default_devices
 
     device_list = default_devices(spec.workers, _devices(devices))
-    n = len(spec.targets) * len(spec.arms)
+    n = len(spec.targets) * len(spec.arms) * spec.tuning_replicates
     console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
                   f"{len(spec.targets)} target(s) · "
                   + ("fixed configurations" if spec.mode == "fixed" else

@@ -48,8 +48,10 @@ from ganbench.train import save_checkpoint
 if TYPE_CHECKING:
     import pandas as pd
 
-# Search trials train with seed 0 (spec.seeds = 1); held-out seeds start far from it.
+# Search trials train with seed 0 (spec.seeds = 1); held-out seeds start far from it, and
+# tuning replicate r's seeds at HELDOUT_SEED_BASE + r * REPLICATE_STRIDE.
 HELDOUT_SEED_BASE = 1000
+REPLICATE_STRIDE = 1000
 # Held-out seeds are dealt into this many populations, whatever the number of workers: a
 # member's result is bit-identical in any group for the MLPs tested, but not for every
 # architecture (PacGAN's batch-norm and maxout networks drift apart after a few hundred
@@ -58,9 +60,16 @@ HELDOUT_GROUPS = 2
 
 
 
-def heldout_seeds(spec: CompareSpec) -> list[int]:
-    """The held-out training seeds, disjoint from the seeds used while tuning."""
-    return [HELDOUT_SEED_BASE + i for i in range(spec.eval_seeds)]
+def heldout_seeds(spec: CompareSpec, replicate: int = 0) -> list[int]:
+    """The held-out training seeds of a tuning replicate, disjoint from the seeds used
+    while tuning and from every other replicate's (a matched arm uses its source's)."""
+    first = HELDOUT_SEED_BASE + replicate * REPLICATE_STRIDE
+    return [first + i for i in range(spec.eval_seeds)]
+
+
+def units(spec: CompareSpec) -> list[tuple[TargetSpec, int, str]]:
+    """Every (target, replicate, arm) of a comparison, in the order it runs and reports."""
+    return [(t, r, arm) for t in spec.targets for r in spec.replicates for arm in spec.arms]
 
 
 def heldout_groups(seeds: Sequence[int]) -> list[list[int]]:
@@ -80,11 +89,12 @@ class ArmResult:
     arm: str
     params: dict[str, Any]
     seeds: dict[int, dict[str, Any]]   # held-out seed → metrics (+ status, "samples")
-    status: str = "tuned"              # tuned | fixed | untuned (N failed/pruned)
+    status: str = "tuned"              # tuned | fixed | from <arm> | untuned (why)
     compute: dict[str, float] = field(default_factory=dict)  # what the arm used
     reference: Any = None              # the study's stored evaluation points and centres
     tuning: list[dict[str, Any]] = field(default_factory=list)  # its tuning trials
     provenance: list[dict[str, Any]] = field(default_factory=list)  # runs that made it
+    replicate: int = 0                 # which tuning replicate
 
 
 # ---------------------------------------------------------------- running the arms
@@ -157,11 +167,20 @@ def _stored_seeds(study, key: str | None) -> dict[int, dict[str, Any]]:
             if k.startswith("eval.") and (key is None or v.get("config") == key)}
 
 
-def _arm_state(spec: CompareSpec, study_spec: StudySpec, study
+def _arm_state(spec: CompareSpec, study_spec: StudySpec, study, arm: str,
+               source_params: dict[str, Any] | None = None
                ) -> tuple[str, dict[str, Any] | None, str | None]:
-    """(status, best parameters or None if untuned, key of the held-out configuration)."""
-    if spec.mode == "fixed":
-        params: dict[str, Any] | None = {}
+    """(status, selected parameters or None if untuned, key of the held-out configuration).
+    A matched arm takes ``source_params``, its source's selection in the same replicate,
+    less the values it fixes itself."""
+    source = spec.arms[arm].source
+    if source:
+        fixed = spec.arms[arm].fixed()
+        params = None if source_params is None else {
+            k: v for k, v in source_params.items() if k not in fixed}
+        status = f"from {source}" if params is not None else f"untuned ({source} untuned)"
+    elif spec.mode == "fixed":
+        params = {}
         status = "fixed"
     else:
         params = best_params(study, spec)
@@ -274,6 +293,8 @@ class _Arm:
     study_spec: StudySpec
     study: Any
     tracker: Any
+    replicate: int = 0
+    source: "_Arm | None" = None       # a matched arm's source (same target and replicate)
     pending: int = 0                   # its jobs not yet finished
     asked: int = 0                     # tuning trials asked by this run
     phase: str = "tune"                # tune → heldout → done
@@ -285,11 +306,12 @@ class _Arm:
 
     @property
     def label(self) -> str:
-        return f"{self.target.name} · {self.name}"
+        rep = f" · r{self.replicate}" if self.replicate else ""
+        return f"{self.target.name} · {self.name}{rep}"
 
 
 def run_arms(spec: CompareSpec, devices: Sequence[str],
-             tracker_for: Callable[[str, str], Any] | None = None,
+             tracker_for: Callable[[str, str, int], Any] | None = None,
              on_step: Callable[[str], None] | None = None,
              studies: Sequence[Any] | None = None) -> list[ArmResult]:
     """Tune (unless mode: fixed) and evaluate every arm on every target; resumable.
@@ -303,7 +325,6 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
     """
     import queue
 
-    seeds = heldout_seeds(spec)
     say = on_step or (lambda line: None)
 
     def terminated(signum: int, frame) -> None:  # SIGTERM stops a comparison as Ctrl-C does
@@ -311,12 +332,16 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminated) if main else None
-    pairs = [(target, arm) for target in spec.targets for arm in spec.arms]
+    every = units(spec)
     if studies is None:
-        studies = [open_study(spec.arm_study(target, arm)) for target, arm in pairs]
-    arms = [_Arm(target, arm, spec.arm_study(target, arm), study,
-                 tracker_for(target.name, arm) if tracker_for else None)
-            for (target, arm), study in zip(pairs, studies)]
+        studies = [open_study(spec.arm_study(t, arm, r)) for t, r, arm in every]
+    arms = [_Arm(t, arm, spec.arm_study(t, arm, r), study,
+                 tracker_for(t.name, arm, r) if tracker_for else None, r)
+            for (t, r, arm), study in zip(every, studies)]
+    by_unit = {(a.target.name, a.replicate, a.name): a for a in arms}
+    for a in arms:
+        if spec.arms[a.name].source:
+            a.source = by_unit[(a.target.name, a.replicate, spec.arms[a.name].source)]
     done: queue.Queue = queue.Queue()
     ready: list[tuple[_Arm, Callable, Any]] = []   # (arm, function, job without a device)
     free = list(devices)
@@ -328,7 +353,8 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
             while not all(a.phase == "done" for a in arms):
                 for a in arms:
                     if a.pending == 0 and a.phase != "done":
-                        ready += [(a, fn, job) for fn, job in _advance(spec, a, seeds, say)]
+                        ready += [(a, fn, job) for fn, job in _advance(
+                            spec, a, heldout_seeds(spec, a.replicate), say)]
                 while ready and free:
                     a, fn, job = ready.pop(0)
                     device = free.pop(0)
@@ -373,8 +399,10 @@ def _on_device(job: Any, device: str, devices: Sequence[str]) -> Any:
 def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], None]
              ) -> list[tuple[Callable, Any]]:
     """The arm's next jobs once none is in flight: a tuning batch, its held-out runs, or
-    none (then it is done)."""
-    if a.phase == "tune" and spec.mode == "tune":
+    none (then it is done, or a matched arm waits for its source's selection)."""
+    if a.source is not None and a.source.phase == "tune":
+        return []
+    if a.phase == "tune" and spec.tuned(a.name):
         tracker = a.tracker
         recover_dead_workers(a.study, tracker.end_lost if tracker else None)
         trials = a.study.get_trials(deepcopy=False)
@@ -397,13 +425,14 @@ def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], 
             f"{a.label}: tuning ({_tuning_progress(spec, trials)} done)")
     if a.phase == "tune":
         a.phase = "heldout"
-        status, params, key = _arm_state(spec, a.study_spec, a.study)
+        status, params, key = _arm_state(spec, a.study_spec, a.study, a.name,
+                                         a.source.params if a.source else None)
         a.status, a.params = status, params
         if params is None:  # nothing to retrain: named as untuned, left out of the tests
             say(f"{a.label}: {status}: no held-out runs")
             if a.tracker:
                 a.tracker.end("FAILED", tags={"status": status})
-            a.result = _arm_result(a.target, a.name, a.study, {}, {}, status)
+            a.result = _arm_result(a.target, a.name, a.study, {}, {}, status, a.replicate)
             a.phase = "done"
             return []
         a.seeds = _stored_seeds(a.study, key)
@@ -427,7 +456,8 @@ def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], 
         means = {f"heldout.{m}": float(np.mean([r[m] for r in chosen.values()]))
                  for m in METRICS if all(m in r for r in chosen.values())}
         a.tracker.end("FINISHED", means, {"status": a.status})
-    a.result = _arm_result(a.target, a.name, a.study, a.params, chosen, a.status)
+    a.result = _arm_result(a.target, a.name, a.study, a.params, chosen, a.status,
+                           a.replicate)
     a.phase = "done"
     return []
 
@@ -459,10 +489,11 @@ def tuning_done(study_spec: StudySpec, trials: Sequence[Any]) -> bool:
 
 
 def _arm_result(target: TargetSpec, arm: str, study, params: dict[str, Any],
-                seeds: dict[int, dict[str, Any]], status: str) -> ArmResult:
+                seeds: dict[int, dict[str, Any]], status: str, replicate: int = 0
+                ) -> ArmResult:
     return ArmResult(target.name, arm, params, seeds, status, _compute(study, seeds),
                      study.user_attrs.get("reference"), tuning_rows(study),
-                     study.user_attrs.get("provenance", []))
+                     study.user_attrs.get("provenance", []), replicate)
 
 
 def tuning_rows(study) -> list[dict[str, Any]]:
@@ -483,11 +514,11 @@ def tuning_rows(study) -> list[dict[str, Any]]:
     return rows
 
 
-def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str, storage: Any = None
-              ) -> tuple[StudySpec, Any]:
+def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str, storage: Any = None,
+              replicate: int = 0) -> tuple[StudySpec, Any]:
     """An arm's study spec and its stored study (None if it has not run); nothing created.
     ``storage``: an Optuna storage to read instead of the spec's (an imported export)."""
-    study_spec = spec.arm_study(target, arm)
+    study_spec = spec.arm_study(target, arm, replicate)
     try:
         return study_spec, open_study(study_spec, storage=storage, create=False)
     except (NoStudy, KeyError):
@@ -500,29 +531,36 @@ def stored_arms(spec: CompareSpec, storage: Any = None,
     first arm whose held-out seeds are not all there. The arms' studies are appended to
     ``studies`` when given."""
     results = []
-    seeds = heldout_seeds(spec)
-    for target in spec.targets:
-        for arm in spec.arms:
-            study_spec, study = _open_arm(spec, target, arm, storage)
-            if studies is not None and study is not None:
-                studies.append(study)
-            if study is None:
-                raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
-                                    "has not run; run `ganbench compare` first")
-            status, params, key = _arm_state(spec, study_spec, study)
-            if params is None:
-                results.append(_arm_result(target, arm, study, {}, {}, status))
-                continue
-            done = _stored_seeds(study, key)
-            missing = [s for s in seeds if s not in done]
-            if missing:
-                raise GanbenchError(f"comparison {spec.name!r}: arm {arm!r} on {target.name} "
-                                    f"has {len(seeds) - len(missing)} of {len(seeds)} held-out "
-                                    "seeds of its best configuration; run `ganbench compare` "
-                                    "to finish it")
-            results.append(_arm_result(target, arm, study, params,
-                                       {s: done[s] for s in seeds}, status))
-    return results
+    selected: dict[tuple[str, int, str], dict[str, Any] | None] = {}
+    # Sources first: a matched arm takes its source's selection.
+    for target, r, arm in sorted(units(spec), key=lambda u: bool(spec.arms[u[2]].source)):
+        seeds = heldout_seeds(spec, r)
+        where = f"arm {arm!r} on {target.name}" + (f" (replicate {r})" if r else "")
+        study_spec, study = _open_arm(spec, target, arm, storage, r)
+        if study is None:
+            raise GanbenchError(f"comparison {spec.name!r}: {where} has not run; run "
+                                "`ganbench compare` first")
+        source = spec.arms[arm].source
+        status, params, key = _arm_state(spec, study_spec, study, arm, selected.get(
+            (target.name, r, source)) if source else None)
+        selected[(target.name, r, arm)] = params
+        if params is None:
+            results.append((study, _arm_result(target, arm, study, {}, {}, status, r)))
+            continue
+        done = _stored_seeds(study, key)
+        missing = [s for s in seeds if s not in done]
+        if missing:
+            raise GanbenchError(f"comparison {spec.name!r}: {where} has "
+                                f"{len(seeds) - len(missing)} of {len(seeds)} held-out seeds "
+                                "of its selected configuration; run `ganbench compare` to "
+                                "finish it")
+        results.append((study, _arm_result(target, arm, study, params,
+                                           {s: done[s] for s in seeds}, status, r)))
+    order = {(t.name, r, arm): i for i, (t, r, arm) in enumerate(units(spec))}
+    results.sort(key=lambda sr: order[(sr[1].target, sr[1].replicate, sr[1].arm)])
+    if studies is not None:
+        studies += [study for study, _ in results]
+    return [result for _, result in results]
 
 
 # ---------------------------------------------------------------- statistics
@@ -742,6 +780,12 @@ class Comparison:
         return line
 
 
+def _eval_samples(spec: CompareSpec, arm: str) -> int:
+    """Samples per evaluation of an arm's runs."""
+    return (spec.arms[arm].fixed().get("eval_samples") or spec.train.eval_samples
+            or TrainConfig.eval_samples)
+
+
 def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
     """The per-seed frame, its statistics, each arm's compute and the sample panels."""
     import pandas as pd
@@ -749,15 +793,19 @@ def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
     rows, samples, references, arms, tuning = [], {}, {}, [], []
     for r in results:
         references[r.target] = r.reference
-        arms.append({"target": r.target, "arm": r.arm, "status": r.status} | r.compute |
+        unit = {"target": r.target, "arm": r.arm, "replicate": r.replicate}
+        arms.append(unit | {"status": r.status} | r.compute |
                     {"params": json.dumps(r.params, sort_keys=True)})
-        tuning += [{"target": r.target, "arm": r.arm} | t for t in r.tuning]
+        tuning += [unit | t for t in r.tuning]
+        modes = len((r.reference or {}).get("centers") or [])
         for seed, out in r.seeds.items():
             # Which configuration trained the run (param.*); its generator file is local.
-            rows.append({"target": r.target, "arm": r.arm, "seed": seed} | {
+            row = unit | {"seed": seed} | {
                 k: v for k, v in out.items() if k not in ("samples", "config", "checkpoint")}
-                | {f"param.{k}": v for k, v in r.params.items()})
-        if r.seeds:
+            if modes and "hq" in out:  # hq is a percentage of the evaluation sample
+                row["hq_samples"] = round(out["hq"] * _eval_samples(spec, r.arm) / 100)
+            rows.append(row | {f"param.{k}": v for k, v in r.params.items()})
+        if r.seeds and (r.target, r.arm) not in samples:
             samples[(r.target, r.arm)] = r.seeds[min(r.seeds)].get("samples")
     runs = pd.DataFrame(rows, columns=None if rows else ["target", "arm", "seed"])
     arm_frame = pd.DataFrame(arms)
@@ -766,11 +814,12 @@ def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
     runs_made = next((r.provenance for r in results if r.provenance), [])
     return Comparison(spec, runs, table, arm_frame, references, samples,
                       tuning=pd.DataFrame(tuning), provenance=runs_made,
-                      selected=[{"target": r.target, "arm": r.arm, "status": r.status,
-                                 "params": r.params,
+                      selected=[{"target": r.target, "arm": r.arm, "replicate": r.replicate,
+                                 "status": r.status, "params": r.params,
                                  "sampler_seed": spec.arm_sampler(
                                      next(t for t in spec.targets if t.name == r.target),
-                                     r.arm).seed} for r in results])
+                                     r.arm, r.replicate).seed if spec.tuned(r.arm) else None}
+                                for r in results])
 
 
 def write_report(comparison: Comparison, out: Path | None = None,
@@ -804,6 +853,10 @@ def _slim(key: str, value: Any) -> Any:
     return value
 
 
+def _unit_name(target: str, arm: str, replicate: int) -> str:
+    return f"{target}/{arm}" + (f"/r{replicate}" if replicate else "")
+
+
 def run(spec: CompareSpec, devices: Sequence[str] | None = None,
         on_step: Callable[[str], None] | None = None) -> Comparison:
     """Run a comparison end to end, resumably: check the services, tune and evaluate every
@@ -812,9 +865,8 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
 
     first = spec.arm_study(spec.targets[0], spec.baseline)
     check_spec(first, spec.name)
-    for target in spec.targets:  # a changed definition is refused before anything starts
-        for arm in spec.arms:
-            _open_arm(spec, target, arm)
+    for target, r, arm in units(spec):  # a changed definition is refused before any start
+        _open_arm(spec, target, arm, replicate=r)
     device_list = workers.default_devices(spec.workers, devices)
     root = None
     if spec.tracking is not False:
@@ -825,20 +877,21 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     if spec.tracking is not False:
         root = Tracker.for_compare(spec, logged(spec))
     entry = provenance.collect(
-        logged(spec), device_list, {f"{t.name}/{arm}": spec.arm_sampler(t, arm).seed
-                                    for t in spec.targets for arm in spec.arms},
+        logged(spec), device_list, {_unit_name(t.name, arm, r): spec.arm_sampler(t, arm, r).seed
+                                    for t, r, arm in units(spec) if spec.tuned(arm)},
         workers.population_threads(device_list.count("cpu")))
-    studies = [open_study(spec.arm_study(t, arm)) for t in spec.targets for arm in spec.arms]
+    studies = [open_study(spec.arm_study(t, arm, r)) for t, r, arm in units(spec)]
     for study in studies:
         provenance.record(study, entry)
     if root is not None:
         root.set_tags(provenance.tags(entry))
     start = time.perf_counter()
 
-    def tracker_for(target: str, arm: str):
-        return root.nested(f"{target}__{arm}", {"ganbench.role": "arm",
-                                                "ganbench.study": spec.name,
-                                                "arm": arm, "target": target})
+    def tracker_for(target: str, arm: str, replicate: int):
+        name = f"{target}__{arm}" + (f"__r{replicate}" if replicate else "")
+        return root.nested(name, {"ganbench.role": "arm", "ganbench.study": spec.name,
+                                  "arm": arm, "target": target,
+                                  "replicate": str(replicate)})
 
     try:
         results = run_arms(spec, device_list, tracker_for if root else None, on_step,
@@ -873,27 +926,33 @@ class ArmProgress:
 
     target: str
     arm: str
-    tuning: str         # e.g. "3/3 trials", "fixed", or "untuned (3 failed/pruned)"
-    heldout: int        # held-out seeds of the arm's best configuration stored
+    tuning: str         # e.g. "3/3 trials", "fixed", "from gan", "untuned (3 failed/pruned)"
+    heldout: int        # held-out seeds of the arm's selected configuration stored
     seeds: int          # held-out seeds planned
+    replicate: int = 0
 
 
 def progress(spec: CompareSpec) -> list[ArmProgress]:
     """Every arm's tuning and held-out progress, read from the storage (nothing created)."""
     out = []
-    for target in spec.targets:
-        for arm in spec.arms:
-            study_spec, study = _open_arm(spec, target, arm)
-            if study is None:
-                tuning = "fixed" if spec.mode == "fixed" else _tuning_progress(spec, [])
-                out.append(ArmProgress(target.name, arm, tuning, 0, spec.eval_seeds))
-                continue
-            status, params, key = _arm_state(spec, study_spec, study)
-            trials = study.get_trials(deepcopy=False)
-            tuning = "fixed" if spec.mode == "fixed" else _tuning_progress(spec, trials)
-            if params is None and spec.mode == "tune" and tuning_done(study_spec, trials):
-                tuning = status
-            stored = set(_stored_seeds(study, key)) & set(heldout_seeds(spec)) if key else ()
-            out.append(ArmProgress(target.name, arm, tuning, len(stored), spec.eval_seeds))
-    return out
+    selected: dict[tuple[str, int, str], dict[str, Any] | None] = {}
+    for target, r, arm in sorted(units(spec), key=lambda u: bool(spec.arms[u[2]].source)):
+        study_spec, study = _open_arm(spec, target, arm, replicate=r)
+        source = spec.arms[arm].source
+        if study is None:
+            tuning = (f"from {source}" if source else "fixed" if spec.mode == "fixed"
+                      else _tuning_progress(spec, []))
+            out.append(ArmProgress(target.name, arm, tuning, 0, spec.eval_seeds, r))
+            continue
+        status, params, key = _arm_state(spec, study_spec, study, arm,
+                                         selected.get((target.name, r, source or "")))
+        selected[(target.name, r, arm)] = params
+        trials = study.get_trials(deepcopy=False)
+        tuning = status if not spec.tuned(arm) else _tuning_progress(spec, trials)
+        if params is None and spec.tuned(arm) and tuning_done(study_spec, trials):
+            tuning = status
+        stored = set(_stored_seeds(study, key)) & set(heldout_seeds(spec, r)) if key else ()
+        out.append(ArmProgress(target.name, arm, tuning, len(stored), spec.eval_seeds, r))
+    order = {(t.name, r, arm): i for i, (t, r, arm) in enumerate(units(spec))}
+    return sorted(out, key=lambda p: order[(p.target, p.replicate, p.arm)])
 

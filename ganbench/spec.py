@@ -476,7 +476,35 @@ def logged(spec: "StudySpec | CompareSpec") -> dict[str, Any]:
 # `ganbench compare --quick`: the same pipeline at smoke size.
 QUICK = ["budget=2", "eval_seeds=2", "train.steps=200", "train.eval_every=100",
          "train.eval_samples=500"]
-ArmSection = _section("ArmSection", MODEL_FIELDS + TRAIN_FIELDS)
+_ArmFields = _section("_ArmFields", MODEL_FIELDS + TRAIN_FIELDS)
+
+
+class ArmSection(_ArmFields):
+    """An arm: the loss, tricks and trainer values it fixes; ``from: <arm>`` makes it a
+    matched arm, which does not tune but retrains, replicate by replicate, exactly the
+    parameters its source arm selected on the same held-out seeds, so that only the values
+    it names differ."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    source: str | None = Field(None, alias="from")
+
+    def fixed(self) -> dict[str, Any]:
+        """The trainer values the arm fixes."""
+        return {k: v for k, v in self.model_dump(exclude={"source"}).items() if v is not None}
+
+
+class Correction(BaseModel):
+    """Multiple-testing correction of each family: ``confirmatory`` (the objective metric
+    over every contrast and target, one family) and ``exploratory`` (every other metric,
+    one family)."""
+
+    model_config = _STRICT
+    confirmatory: Literal["holm", "bonferroni", "bh", "none"] = "holm"
+    exploratory: Literal["holm", "bonferroni", "bh", "none"] = "bh"
+
+
+# Default start-up trials of Optuna's model-based samplers (random draws before the model).
+SAMPLER_STARTUP = {"tpe": 10, "gp": 10, "cmaes": 1}
 
 
 def quick_overrides(path: str | Path) -> list[str]:
@@ -500,7 +528,7 @@ class CompareSpec(BaseModel):
     budget: Budget = Field(default_factory=lambda: Budget(trials=8))
     # Retrains of each arm's best config on held-out seeds. 10 lets a consistent difference
     # reach p < 0.05 after Holm over up to 1,700 arms; 5 seeds cannot with 7 arms.
-    eval_seeds: int = Field(10, ge=2)
+    eval_seeds: int = Field(10, ge=2, le=1000)  # per tuning replicate
     # The evaluation sample (reference points, generator noise, projections) of held-out
     # runs: not the one the tuning chose the best configuration on.
     heldout_eval_seed: int = 4321
@@ -519,11 +547,19 @@ class CompareSpec(BaseModel):
     # Of the tuning trials; held-out runs are populations anyway, compiled if compile is set.
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
+    # Independent tunings of every arm on every target, each with its own sampler seed and
+    # its own held-out seeds: the unit the tests compare when there are two or more.
+    tuning_replicates: int = Field(1, ge=1, le=100)
+    # The tests, as [arm, reference arm] pairs; default: every arm against the baseline, a
+    # matched (from:) arm against its source.
+    contrasts: list[tuple[str, str]] | None = None
+    correction: Correction = Field(default_factory=Correction)
 
-    def arm_study(self, target: TargetSpec, arm: str) -> StudySpec:
-        """The Optuna study that tunes one arm on one target (the arm's fixed values win
-        over the shared search space)."""
-        fixed = {k: v for k, v in self.arms[arm].model_dump().items() if v is not None}
+    def arm_study(self, target: TargetSpec, arm: str, replicate: int = 0) -> StudySpec:
+        """The Optuna study that tunes one arm on one target in one tuning replicate (the
+        arm's fixed values win over the shared search space); a matched arm's study does
+        not search."""
+        fixed = self.arms[arm].fixed()
         train = self.train.model_dump(exclude_none=True) | {
             k: v for k, v in fixed.items() if k in TRAIN_FIELDS}
         model = self.model.model_dump(exclude_none=True) | {
@@ -534,12 +570,13 @@ class CompareSpec(BaseModel):
         budget = self.budget
         trials, compute = budget.trials or COMPUTE_TRIALS_CAP, (
             None if budget.unit == "trials" else budget)
-        if self.mode == "fixed":
+        if self.mode == "fixed" or self.arms[arm].source:
             trials, compute = 1, None
+        suffix = f"__r{replicate}" if replicate else ""
         return StudySpec(
-            name=f"{self.name}__{target.name}__{arm}", target=target, train=train,
-            model=model, search=search if self.mode == "tune" else {},
-            objectives=[self.objective], sampler=self.arm_sampler(target, arm),
+            name=f"{self.name}__{target.name}__{arm}{suffix}", target=target, train=train,
+            model=model, search=search if self.tuned(arm) else {},
+            objectives=[self.objective], sampler=self.arm_sampler(target, arm, replicate),
             pruner=self.pruner,
             trials=trials, budget=compute, storage=self.storage,
             tracking=self.tracking, workers=self.workers, execution=self.execution,
@@ -552,13 +589,43 @@ class CompareSpec(BaseModel):
             return self.tuning_batch
         return self.execution.size if self.execution.mode == "population" else 1
 
-    def arm_sampler(self, target: TargetSpec, arm: str) -> SamplerSpec:
-        """The arm's sampler on ``target``: the spec's, seeded for this arm and target
-        (arms do not draw the same candidates; each draws the same on every machine)."""
+    def arm_sampler(self, target: TargetSpec, arm: str, replicate: int = 0) -> SamplerSpec:
+        """The arm's sampler on ``target`` in ``replicate``: the spec's, seeded for this
+        arm, target and replicate (no two draw the same candidates; each draws the same on
+        every machine)."""
         if self.sampler.seed is None:
             return self.sampler
+        parts = (target.name, arm) + ((replicate,) if replicate else ())
         return self.sampler.model_copy(update={
-            "seed": derive_seed(self.sampler.seed, target.name, arm)})
+            "seed": derive_seed(self.sampler.seed, *parts)})
+
+    def tuned(self, arm: str) -> bool:
+        """Does ``arm`` tune (mode: tune, and not a matched arm)?"""
+        return self.mode == "tune" and not self.arms[arm].source
+
+    @property
+    def replicates(self) -> list[int]:
+        return list(range(self.tuning_replicates))
+
+    def tests(self) -> list[tuple[str, str]]:
+        """The contrasts tested, as (arm, reference arm)."""
+        if self.contrasts is not None:
+            return [tuple(c) for c in self.contrasts]
+        return [(arm, a.source or self.baseline) for arm, a in self.arms.items()
+                if arm != self.baseline]
+
+    def matched(self, arm: str, reference: str) -> bool:
+        """Is the contrast matched: ``arm`` retrains ``reference``'s selected parameters on
+        the same held-out seeds (so runs pair up seed by seed)?"""
+        return self.arms[arm].source == reference
+
+    def startup(self) -> int | None:
+        """Start-up trials of the sampler before its model is used (None: not model-based,
+        e.g. random or QMC search)."""
+        default = SAMPLER_STARTUP.get(self.sampler.name)
+        if default is None:
+            return None
+        return int((self.sampler.model_extra or {}).get("n_startup_trials", default))
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -594,6 +661,17 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     if spec.baseline not in spec.arms:
         raise SpecError(p, "baseline", f"no arm named {spec.baseline!r}; arms: "
                         f"{', '.join(spec.arms)}")
+    for arm, section in spec.arms.items():
+        if section.source is not None and (section.source not in spec.arms
+                                           or section.source == arm
+                                           or spec.arms[section.source].source):
+            raise SpecError(p, f"arms.{arm}.from", "expected another arm that tunes; arms: "
+                            f"{', '.join(a for a, s in spec.arms.items() if not s.source)}")
+    for i, pair in enumerate(spec.tests()):
+        bad = [a for a in pair if a not in spec.arms]
+        if bad or pair[0] == pair[1]:
+            raise SpecError(p, f"contrasts.{i}", f"expected [arm, reference arm], two "
+                            f"different arms of {', '.join(spec.arms)}; got {list(pair)}")
     for arm in spec.arms:
         for target in spec.targets:
             try:

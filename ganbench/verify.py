@@ -103,14 +103,18 @@ def _verify_comparison(folder: Path, data: dict[str, Any], entry: dict[str, Any]
     spec = CompareSpec.model_validate(_spec_data(entry))
     frame = pd.read_csv(folder / "runs.csv", keep_default_na=False,
                         na_values=[""])
-    selected = {(s["target"], s["arm"]): s["params"] for s in data.get("selected", [])}
+    if "replicate" not in frame:  # made before tuning replicates
+        frame["replicate"] = 0
+    selected = {(s["target"], s["arm"], s.get("replicate", 0)): s["params"]
+                for s in data.get("selected", [])}
     metrics = [m for m in METRICS if m in frame]
-    # Spread over arms and seeds: the i-th pair (target, arm) with its i-th seed.
-    pairs = list(dict.fromkeys(zip(frame["target"], frame["arm"])))
+    # Spread over arms and seeds: the i-th unit (target, arm, replicate) with its i-th seed.
+    pairs = list(dict.fromkeys(zip(frame["target"], frame["arm"], frame["replicate"])))
     order = []
     for i in range(len(frame)):
-        target, arm = pairs[i % len(pairs)]
-        rows = frame[(frame["target"] == target) & (frame["arm"] == arm)]
+        target, arm, rep = pairs[i % len(pairs)]
+        rows = frame[(frame["target"] == target) & (frame["arm"] == arm)
+                     & (frame["replicate"] == rep)]
         k = i // len(pairs)
         if k < len(rows):
             order.append(rows.iloc[k])
@@ -118,19 +122,20 @@ def _verify_comparison(folder: Path, data: dict[str, Any], entry: dict[str, Any]
     # Each run re-trained in the population it was trained in (its fixed held-out group),
     # each group once, with the workers' torch threads.
     torch.set_num_threads(int(entry.get("torch_threads") or 1))
-    trained: dict[tuple[str, str, tuple[int, ...]], dict[int, Any]] = {}
+    trained: dict[tuple[str, str, int, tuple[int, ...]], dict[int, Any]] = {}
     checks = []
     for row in chosen:
-        seed = int(row["seed"])
-        group = next(g for g in heldout_groups(heldout_seeds(spec)) if seed in g)
-        key = (row["target"], row["arm"], tuple(group))
+        seed, rep = int(row["seed"]), int(row["replicate"])
+        group = next(g for g in heldout_groups(heldout_seeds(spec, rep)) if seed in g)
+        key = (row["target"], row["arm"], rep, tuple(group))
         if key not in trained:
             target = next(t for t in spec.targets if t.name == row["target"])
-            study = spec.arm_study(target, row["arm"])
-            configs = heldout_configs(spec, study, selected[key[:2]], "cpu", group)
+            study = spec.arm_study(target, row["arm"], rep)
+            configs = heldout_configs(spec, study, selected[key[:3]], "cpu", group)
             trained[key] = dict(zip(group, train_population(configs, streams="member")))
         result = trained[key][seed]
-        checks.append(RunCheck(f"{row['target']} · {row['arm']} · seed {seed}",
+        where = f" · r{rep}" if rep else ""
+        checks.append(RunCheck(f"{row['target']} · {row['arm']}{where} · seed {seed}",
                                {m: (float(row[m]), float(result.metrics.get(m, math.nan)))
                                 for m in metrics}))
     return checks
