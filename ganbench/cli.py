@@ -602,27 +602,40 @@ def compare_cmd(
     step = iter(range(1, (3 + batches) * n + 1))
     result = compare.run(spec, device_list,
                          lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
+    units = (f"{spec.tuning_replicates} replicate means" if spec.tuning_replicates > 1
+             else f"{spec.eval_seeds} held-out seeds")
     for target, sub in result.table.groupby("target", sort=False):
-        t = Table(title=f"{target}: mean ± s.e. over {spec.eval_seeds} held-out seeds "
-                        f"(p: exact rank-sum test vs {spec.baseline}, Holm)")
         metrics = list(dict.fromkeys(sub["metric"]))
+        t = Table(title=f"{target}: mean ± s.e. over {units}; contrasts: Δ [exact 95% CI] "
+                        "adjusted p (bold: significant as its family is controlled)")
         t.add_column("arm")
         for m in metrics:
             t.add_column(m, justify="right")
-        for arm, g in sub.groupby("arm", sort=False):
-            cells = []
-            for m in metrics:
-                r = g[g["metric"] == m].iloc[0]
-                p = "" if arm == spec.baseline else f" p={r['p_holm']:.2g}"
-                cells.append(summary(r, se_only=True) + p)
-            t.add_row(arm, *cells)
+        first = sub.drop_duplicates(["arm", "metric"])
+        for arm, g in first.groupby("arm", sort=False):
+            t.add_row(arm, *[summary(r, se_only=True) + ("[yellow]⚠[/]" if r["few_hq"] else "")
+                             for _, r in g.iterrows()])
         arms = result.arms[result.arms["target"] == target]
-        for row in arms[arms["status"].str.startswith("untuned")].itertuples(index=False):
+        untuned = arms[arms["status"].str.startswith("untuned")].drop_duplicates("arm")
+        for row in untuned.itertuples(index=False):
             t.add_row(row.arm, f"{row.status}: left out of the tests",
                       *[""] * (len(metrics) - 1))
+        tests = sub[sub["p_value"].notna()]
+        for (arm, ref), g in tests.groupby(["arm", "reference"], sort=False):
+            cells = []
+            for m in metrics:
+                hit = g[g["metric"] == m]
+                if not len(hit):
+                    cells.append("")
+                    continue
+                r = hit.iloc[0]
+                cell = (f"Δ {r['shift']:.3g} [{r['shift_low']:.3g}, {r['shift_high']:.3g}] "
+                        f"adj={r['p_adj']:.2g}")
+                cells.append(f"[bold]{cell}[/]" if r["significant"] else cell)
+            t.add_row(f"{arm} − {ref}", *cells)
         console.print(t)
-    power = result.power()
-    console.print(f"[yellow]{power}[/]" if power.startswith("warning") else power)
+    for line in result.design():
+        console.print(f"[yellow]{line}[/]" if line.startswith("warning") else line)
     files = result.files
     console.print(f"wrote {files[0]}, {files[1]} and {files[0].parent / 'index.html'}")
 

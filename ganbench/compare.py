@@ -564,15 +564,20 @@ def stored_arms(spec: CompareSpec, storage: Any = None,
 
 
 # ---------------------------------------------------------------- statistics
-ALPHA = 0.05          # the level the design's power is stated for
+ALPHA = 0.05          # the level of every test, interval and bold cell
 BOOTSTRAP = 2000      # resamples of every bootstrap interval
 EXACT_MAX_N = 56      # up to this many runs in two arms the rank-sum law is counted exactly
+# The resolution a KL cell is read at: a perfectly balanced generator's expected KL from its
+# finite number of high-quality samples must stay below it (PacGAN's best grid KL is 0.04).
+KL_RESOLUTION = 0.05
+CORRECTIONS = ("holm", "bonferroni", "bh", "none")
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1): they control
+    the familywise error rate."""
     p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p)
+    order = np.argsort(p, kind="stable")
     m = len(p)
     adjusted = np.empty(m)
     running = 0.0
@@ -580,6 +585,59 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, (m - rank) * p[i])
         adjusted[i] = min(1.0, running)
     return adjusted.tolist()
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values (q-values; step-up, monotone, capped at 1): they
+    control the false discovery rate of independent or positively dependent tests."""
+    p = np.asarray(pvalues, dtype=float)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    running = 1.0
+    for rank in range(m - 1, -1, -1):
+        i = order[rank]
+        running = min(running, m * p[i] / (rank + 1))
+        adjusted[i] = min(1.0, running)
+    return adjusted.tolist()
+
+
+def adjust(pvalues: Sequence[float], method: str) -> list[float]:
+    """``pvalues`` adjusted for one family by ``method`` (one of CORRECTIONS)."""
+    if method == "holm":
+        return holm(pvalues)
+    if method == "bh":
+        return benjamini_hochberg(pvalues)
+    if method == "bonferroni":
+        return [min(1.0, len(pvalues) * p) for p in pvalues]
+    if method == "none":
+        return [float(p) for p in pvalues]
+    raise GanbenchError(f"correction must be one of {', '.join(CORRECTIONS)}, got {method!r}")
+
+
+def _law(weights2: np.ndarray, size: int | None) -> np.ndarray:
+    """The null law of a sum of integer ``weights2``: over every ``size``-subset equally
+    likely (rank-sum), or, with ``size`` None, over every subset (signed-rank, each weight
+    in or out with probability 1/2). Index: the sum; counted exactly in float64."""
+    total = int(weights2.sum())
+    if size is None:
+        counts = np.zeros(total + 1)
+        counts[0] = 1.0
+        for r in weights2:
+            if r:
+                counts[r:] = counts[r:] + counts[:-r].copy()
+            else:  # a zero weight: in or out gives the same sum
+                counts *= 2
+        return counts / counts.sum()
+    counts = np.zeros((size + 1, total + 1))  # counts[k, s]: k-subsets with sum s
+    counts[0, 0] = 1.0
+    for r in weights2:
+        counts[1:, r:] += counts[:-1, :total + 1 - r]  # numpy reads before writing
+    return counts[size] / counts[size].sum()
+
+
+def _two_sided(law: np.ndarray, w: int) -> float:
+    return float(min(1.0, 2 * min(law[w:].sum(), law[:w + 1].sum())))
 
 
 def rank_sum_p(x: Sequence[float], y: Sequence[float], seed: int = 0) -> float:
@@ -600,41 +658,111 @@ def rank_sum_p(x: Sequence[float], y: Sequence[float], seed: int = 0) -> float:
     ranks2 = np.rint(2 * stats.rankdata(np.concatenate([x, y]))).astype(np.int64)
     w = int(ranks2[:n1].sum())
     if n <= EXACT_MAX_N:
-        total = int(ranks2.sum())
-        counts = np.zeros((n1 + 1, total + 1))  # counts[k, s]: k-subsets with sum s
-        counts[0, 0] = 1.0
-        for r in ranks2:
-            counts[1:, r:] += counts[:-1, :-r]  # numpy reads the operands before writing
-        law = counts[n1] / counts[n1].sum()
-        upper, lower = law[w:].sum(), law[:w + 1].sum()
-    else:
-        rng = np.random.default_rng(seed)
-        resamples = 100_000
-        draws = np.array([rng.permutation(ranks2)[:n1].sum() for _ in range(resamples)])
-        upper = (np.sum(draws >= w) + 1) / (resamples + 1)
-        lower = (np.sum(draws <= w) + 1) / (resamples + 1)
+        return _two_sided(_law(ranks2, n1), w)
+    rng = np.random.default_rng(seed)
+    resamples = 100_000
+    draws = np.array([rng.permutation(ranks2)[:n1].sum() for _ in range(resamples)])
+    upper = (np.sum(draws >= w) + 1) / (resamples + 1)
+    lower = (np.sum(draws <= w) + 1) / (resamples + 1)
     return float(min(1.0, 2 * min(upper, lower)))
 
 
-def min_p(n1: int, n2: int) -> float:
-    """The smallest two-sided p the exact rank-sum test can give with n1 and n2 runs
-    (no ties): the two most extreme splits out of C(n1 + n2, n1)."""
+def signed_rank_p(d: Sequence[float]) -> float:
+    """Two-sided p-value of the Wilcoxon signed-rank test of paired differences ``d``,
+    exact under ties and zeros: T+ is the sum of the midranks of |d| (zeros ranked, Pratt's
+    convention) over the positive differences; under the null every nonzero difference's
+    sign is + or − with probability 1/2, and T+'s law is counted exactly."""
+    from scipy import stats
+
+    d = np.asarray(d, dtype=float)
+    ranks2 = np.rint(2 * stats.rankdata(np.abs(d))).astype(np.int64)
+    ranks2[d == 0] = 0
+    return _two_sided(_law(ranks2, None), int(ranks2[d > 0].sum()))
+
+
+def min_p(n1: int, n2: int | None = None) -> float:
+    """The smallest two-sided p the exact rank-sum test can give with n1 and n2 units (no
+    ties), or, with ``n2`` None, the signed-rank test with n1 pairs."""
+    if n2 is None:
+        return min(1.0, 2.0 / 2 ** n1)
     return min(1.0, 2.0 / math.comb(n1 + n2, n1))
 
 
-def min_p_holm(n1: int, n2: int, tests: int) -> float:
-    """The smallest Holm-adjusted p of ``tests`` such tests (the first step multiplies by
-    ``tests``): below ALPHA, a consistent difference can be shown; at or above, it cannot."""
+def min_p_holm(n1: int, n2: int | None, tests: int) -> float:
+    """The smallest adjusted p of a family of ``tests`` such tests (Holm's, Bonferroni's
+    and BH's first step multiply by ``tests``): below ALPHA a consistent difference can be
+    shown; at or above, it cannot."""
     return min(1.0, tests * min_p(n1, n2))
 
 
-def seeds_needed(tests: int, alpha: float = ALPHA) -> int:
-    """The fewest seeds per arm for which ``tests`` Holm-corrected exact tests can reach
-    ``alpha``."""
+def units_needed(tests: int, paired: bool = False, alpha: float = ALPHA) -> int:
+    """The fewest units per arm (seeds, or tuning replicates) for which a family of
+    ``tests`` exact tests can reach ``alpha``."""
     n = 2
-    while min_p_holm(n, n, tests) >= alpha:
+    while min_p_holm(n, None if paired else n, tests) >= alpha:
         n += 1
     return n
+
+
+seeds_needed = units_needed
+
+
+def _cut(level: float, law: np.ndarray) -> int:
+    """The largest c with P(S ≤ c) ≤ (1 − level)/2 under ``law`` (−1 if none): the test
+    rejects at the two-sided level exactly when its statistic is at most c or at least
+    max − c."""
+    below = np.nonzero(np.cumsum(law) <= (1 - level) / 2 + 1e-12)[0]
+    return int(below[-1]) if len(below) else -1
+
+
+def moses_interval(x: Sequence[float], y: Sequence[float], level: float = 1 - ALPHA
+                   ) -> tuple[float, float]:
+    """Exact distribution-free interval of the shift of ``x`` from ``y`` (Moses 1953; the
+    inversion of the rank-sum test): the (c+1)-th smallest and largest of the n1·n2
+    differences x_i − y_j, c the lower critical value of U. Its coverage is at least
+    ``level``; (−inf, inf) where the design is too small for it, (nan, nan) where
+    differences are undefined (inf − inf)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    with np.errstate(invalid="ignore"):
+        diffs = np.sort(np.subtract.outer(x, y).ravel())
+    if np.isnan(diffs).any() or not len(diffs):
+        return math.nan, math.nan
+    n1 = len(x)
+    u_law = _law(2 * np.arange(1, n1 + len(y) + 1), n1)[::2]  # W's law, shifted to U
+    u_law = u_law[n1 * (n1 + 1) // 2:]
+    c = _cut(level, u_law)
+    if c < 0:
+        return -math.inf, math.inf
+    return float(diffs[c]), float(diffs[len(diffs) - 1 - c])
+
+
+def walsh_interval(d: Sequence[float], level: float = 1 - ALPHA) -> tuple[float, float]:
+    """Exact distribution-free interval of the centre of paired differences ``d`` (Tukey's;
+    the inversion of the signed-rank test): the (c+1)-th smallest and largest Walsh
+    averages (d_i + d_j)/2, i ≤ j."""
+    d = np.asarray(d, dtype=float)
+    i, j = np.triu_indices(len(d))
+    with np.errstate(invalid="ignore"):
+        walsh = np.sort((d[i] + d[j]) / 2)
+    if np.isnan(walsh).any() or not len(walsh):
+        return math.nan, math.nan
+    law = _law(2 * np.arange(1, len(d) + 1), None)[::2]
+    c = _cut(level, law)
+    if c < 0:
+        return -math.inf, math.inf
+    return float(walsh[c]), float(walsh[len(walsh) - 1 - c])
+
+
+def hodges_lehmann(x: Sequence[float], y: Sequence[float] | None = None) -> float:
+    """The Hodges–Lehmann shift of ``x`` from ``y``: the median of all differences x_i − y_j
+    (the effect size of the rank-sum test); with ``y`` None, the median of the Walsh
+    averages of paired differences ``x`` (that of the signed-rank test)."""
+    x = np.asarray(x, dtype=float)
+    with np.errstate(invalid="ignore"):
+        if y is None:
+            i, j = np.triu_indices(len(x))
+            return float(np.median((x[i] + x[j]) / 2))
+        return float(np.median(np.subtract.outer(x, np.asarray(y, dtype=float))))
 
 
 def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -655,89 +783,172 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
-def hodges_lehmann(x: Sequence[float], y: Sequence[float]) -> float:
-    """The Hodges–Lehmann shift of ``x`` from ``y``: the median of all differences x_i − y_j
-    (the effect size that goes with the rank-sum test)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    with np.errstate(invalid="ignore"):
-        return float(np.median(np.subtract.outer(x, y)))
-
-
-def shift_ci(x: Sequence[float], y: Sequence[float], seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the Hodges–Lehmann shift, each arm resampled
-    on its own (BOOTSTRAP resamples, seeded)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    rng = np.random.default_rng(seed)
-    xs = x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))]
-    ys = y[rng.integers(0, len(y), size=(BOOTSTRAP, len(y)))]
-    with np.errstate(invalid="ignore"):  # inf − inf where both arms have an inf value
-        shifts = np.median(xs[:, :, None] - ys[:, None, :], axis=(1, 2))
-        low, high = np.nanpercentile(shifts, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def _median(values: np.ndarray) -> float:
     with np.errstate(invalid="ignore"):  # numpy interpolates inf with inf
         return float(np.median(values))
 
 
-STATS_COLUMNS = ["arm", "target", "metric", "n", "n_inf", "mean", "median", "std", "se",
-                 "ci_low", "ci_high",
-                 "shift", "shift_low", "shift_high", "rank", "p_value", "p_holm",
-                 "min_p_holm"]
+def expected_best(values: Sequence[float], budget: int, direction: str
+                  ) -> list[tuple[float, float]]:
+    """Expected best objective of k tuning trials, k = 1..budget, with its standard
+    deviation (Dodge et al. 2019, "Show Your Work"): k draws with replacement from the
+    empirical distribution of ``values``; with the values ordered worst to best,
+    P(best of k = v_(i)) = (i/n)^k − ((i−1)/n)^k."""
+    v = np.sort(np.asarray(values, dtype=float))
+    if direction == "minimize":
+        v = v[::-1]
+    n = len(v)
+    if not n:
+        return [(math.nan, math.nan)] * budget
+    out = []
+    cdf = np.arange(n + 1) / n
+    for k in range(1, budget + 1):
+        weights = cdf[1:] ** k - cdf[:-1] ** k
+        mean = float(weights @ v)
+        out.append((mean, float(math.sqrt(max(0.0, weights @ v ** 2 - mean ** 2)))))
+    return out
 
 
-def compare_stats(runs: "pd.DataFrame", baseline: str,
-                  metrics: Sequence[str] | None = None) -> "pd.DataFrame":
-    """Per target, arm and metric: n, how many values are infinite (e.g. ``kl`` of a run
-    with no high-quality sample), mean, median, std, standard error, 95% bootstrap CI of the
-    mean, the Hodges–Lehmann shift from the baseline with its 95% bootstrap CI, rank, the
-    exact two-sided rank-sum p-value against the baseline (:func:`rank_sum_p`), its
-    Holm-adjusted value over the arms, and the smallest adjusted p the design can attain.
+def hq_needed(modes: int, metric: str) -> int:
+    """High-quality samples a run needs before its ``modes`` or ``kl`` reads coverage
+    rather than sample count: with fewer, a perfectly balanced generator would still miss
+    half a mode in expectation (modes: M(1 − 1/M)^H > 1/2), or its KL from its sample's
+    histogram would exceed KL_RESOLUTION in expectation ((M − 1)/2H, the multinomial
+    sampling bias of the plug-in KL)."""
+    if modes <= 1:
+        return 1
+    if metric == "modes":
+        return math.ceil(math.log(0.5 / modes) / math.log(1 - 1 / modes))
+    return math.ceil((modes - 1) / (2 * KL_RESOLUTION))
 
-    ``runs`` has one row per (target, arm, seed) with a column per metric; ``metrics``
-    defaults to every registered metric present in it.
+
+STATS_COLUMNS = ["target", "metric", "arm", "replicates", "n", "n_inf", "mean", "median",
+                 "std", "se", "ci_low", "ci_high", "sd_between", "sd_within", "rank",
+                 "hq_min", "hq_needed", "few_hq",
+                 "reference", "unit", "test", "units", "shift", "shift_low", "shift_high",
+                 "p_value", "family", "correction", "family_size", "p_adj", "min_p_adj",
+                 "significant"]
+
+
+def _units(frame: "pd.DataFrame", metric: str, by_replicate: bool) -> "pd.Series":
+    """An arm's values per unit: replicate means, or per (replicate, seed) runs."""
+    if by_replicate:
+        with np.errstate(invalid="ignore"):
+            return frame.groupby("replicate")[metric].mean()
+    return frame.set_index(["replicate", "seed"])[metric]
+
+
+def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | None = None,
+                  *, contrasts: Sequence[tuple[str, str]] | None = None,
+                  matched: Sequence[tuple[str, str]] = (), objective: str = "w1",
+                  correction: tuple[str, str] = ("holm", "bh"),
+                  modes: dict[str, int] | None = None) -> "pd.DataFrame":
+    """Per target, metric and arm: the arm's values (mean, median, std, standard error and a
+    95% bootstrap CI of the mean over its units; between- and within-replicate standard
+    deviations; rank), then one row per contrast the arm is tested in.
+
+    The unit is the tuning replicate where runs have two or more (each arm's values are
+    replicate means; seeds are nested in them), else the seed. A contrast (arm, reference)
+    is tested with the exact rank-sum test and its Moses interval of the Hodges–Lehmann
+    shift; a ``matched`` one (the arm retrained the reference's selected parameters on the
+    same seeds) pairs units and uses the exact signed-rank test and its Walsh-average
+    interval. Intervals are exact inversions of the unadjusted test at level 1 − ALPHA.
+    Families: the ``objective`` metric over every contrast and target is confirmatory,
+    adjusted by ``correction[0]``; every other metric is one exploratory family, adjusted by
+    ``correction[1]``. ``modes`` (target → number of modes) flags modes and kl cells whose
+    runs have fewer high-quality samples than :func:`hq_needed`.
     """
     import pandas as pd
 
+    runs = runs.copy()
+    if "replicate" not in runs:
+        runs["replicate"] = 0
     names = list(metrics) if metrics is not None else [m for m in METRICS if m in runs]
+    arms_in = list(dict.fromkeys(runs["arm"]))
+    pairs = list(contrasts) if contrasts is not None else [
+        (a, baseline) for a in arms_in if a != baseline]
+    by_replicate = runs["replicate"].nunique() > 1
     rows = []
     for target in runs["target"].unique():
         sub = runs[runs["target"] == target]
         for metric in names:
             if sub[metric].isna().all():
                 continue
-            base = sub.loc[sub["arm"] == baseline, metric].to_numpy(float)
-            block = []
+            block = {}
             for arm, group in sub.groupby("arm", sort=False):
-                vals = group[metric].to_numpy(float)
-                low, high = bootstrap_ci(vals)
+                vals = _units(group, metric, by_replicate).to_numpy(float)
+                per = group.groupby("replicate")[metric]
                 with np.errstate(invalid="ignore"):  # inf values: std is nan, said so
                     std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-                row = {"arm": arm, "target": target, "metric": metric, "n": len(vals),
-                       "n_inf": int((~np.isfinite(vals)).sum()),
-                       "mean": float(vals.mean()), "median": _median(vals),
-                       "std": std,
-                       "se": std / math.sqrt(len(vals)), "ci_low": low, "ci_high": high,
-                       "shift": math.nan, "shift_low": math.nan, "shift_high": math.nan,
-                       "p_value": math.nan}
-                if arm != baseline and len(vals) and len(base):
-                    row["shift"] = hodges_lehmann(vals, base)
-                    row["shift_low"], row["shift_high"] = shift_ci(vals, base)
-                    row["p_value"] = rank_sum_p(vals, base)
-                block.append(row)
-            means = pd.Series([b["mean"] for b in block])
+                    within = float(np.sqrt(per.var(ddof=1).mean())) \
+                        if group.groupby("replicate").size().min() > 1 else math.nan
+                    between = float(per.mean().std(ddof=1)) if by_replicate else math.nan
+                low, high = bootstrap_ci(vals)
+                hq_min = hq_need = math.nan
+                if metric in ("modes", "kl") and modes and "hq_samples" in group:
+                    hq_min = float(group["hq_samples"].min())
+                    hq_need = float(hq_needed(modes.get(target, 0), metric))
+                block[arm] = {
+                    "target": target, "metric": metric, "arm": arm,
+                    "replicates": int(group["replicate"].nunique()), "n": len(group),
+                    "n_inf": int((~np.isfinite(group[metric].to_numpy(float))).sum()),
+                    "mean": float(vals.mean()), "median": _median(vals), "std": std,
+                    "se": std / math.sqrt(len(vals)), "ci_low": low, "ci_high": high,
+                    "sd_between": between, "sd_within": within,
+                    "hq_min": hq_min, "hq_needed": hq_need,
+                    "few_hq": bool(hq_min < hq_need)}
+            means = pd.Series([b["mean"] for b in block.values()])
             ranks = means.rank(ascending=METRICS[metric].direction == "minimize",
                                method="min")
-            tested = [i for i, b in enumerate(block) if not np.isnan(b["p_value"])]
-            adjusted = holm([block[i]["p_value"] for i in tested]) if tested else []
-            for i, b in enumerate(block):
-                b["rank"] = int(ranks[i])
-                b["p_holm"] = adjusted[tested.index(i)] if i in tested else math.nan
-                b["min_p_holm"] = (min_p_holm(b["n"], len(base), len(tested))
-                                   if i in tested else math.nan)
-            rows += block
-    return pd.DataFrame(rows, columns=STATS_COLUMNS)
+            for b, rank in zip(block.values(), ranks):
+                b["rank"] = int(rank)
+            tested: dict[str, list[dict[str, Any]]] = {}
+            for arm, ref in pairs:
+                if arm not in block or ref not in block:
+                    continue
+                a = _units(sub[sub["arm"] == arm], metric, by_replicate)
+                r = _units(sub[sub["arm"] == ref], metric, by_replicate)
+                paired = (arm, ref) in set(map(tuple, matched)) and a.index.equals(r.index)
+                row = dict(block[arm]) | {
+                    "reference": ref, "unit": "replicate" if by_replicate else "seed",
+                    "units": len(a), "few_hq": block[arm]["few_hq"] or block[ref]["few_hq"]}
+                if paired:
+                    x, y = a.to_numpy(float), r.to_numpy(float)
+                    with np.errstate(invalid="ignore"):  # equal values (inf too) differ by 0
+                        d = np.where(x == y, 0.0, x - y)
+                    row |= {"test": "signed-rank (matched)", "shift": hodges_lehmann(d),
+                            "p_value": signed_rank_p(d)}
+                    row["shift_low"], row["shift_high"] = walsh_interval(d)
+                    row["min_p"] = min_p(len(d))
+                else:
+                    x, y = a.to_numpy(float), r.to_numpy(float)
+                    row |= {"test": "rank-sum", "shift": hodges_lehmann(x, y),
+                            "p_value": rank_sum_p(x, y)}
+                    row["shift_low"], row["shift_high"] = moses_interval(x, y)
+                    row["min_p"] = min_p(len(x), len(y))
+                tested.setdefault(arm, []).append(row)
+            for arm, b in block.items():  # in the arms' order, each with its contrasts
+                rows += tested.get(arm, [b])
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return pd.DataFrame(columns=STATS_COLUMNS)
+    table["family"] = np.where(table["metric"] == objective, "confirmatory", "exploratory")
+    table["correction"] = table["family"].map({"confirmatory": correction[0],
+                                               "exploratory": correction[1]})
+    for name in ("p_adj", "min_p_adj"):
+        table[name] = math.nan
+    table["family_size"] = 0
+    for family, method in (("confirmatory", correction[0]), ("exploratory", correction[1])):
+        members = table.index[(table["family"] == family) & table["p_value"].notna()]
+        if len(members):
+            table.loc[members, "p_adj"] = adjust(table.loc[members, "p_value"].tolist(),
+                                                 method)
+            table.loc[members, "family_size"] = len(members)
+            scale = 1 if method == "none" else len(members)
+            table.loc[members, "min_p_adj"] = np.minimum(
+                1.0, scale * table.loc[members, "min_p"])
+    table["significant"] = (table["p_adj"] < ALPHA) & ~table["few_hq"].astype(bool)
+    return table.reindex(columns=STATS_COLUMNS)
 
 
 # ---------------------------------------------------------------- the comparison, whole
@@ -746,44 +957,127 @@ class Comparison:
     """A comparison's results: per-seed values, their statistics and what the report draws."""
 
     spec: CompareSpec
-    runs: "pd.DataFrame"                     # one row per (target, arm, held-out seed)
+    runs: "pd.DataFrame"                     # one row per (target, arm, replicate, seed)
     table: "pd.DataFrame"                    # compare_stats(runs) + each arm's compute
-    arms: "pd.DataFrame"                     # one row per (target, arm): status, compute
+    arms: "pd.DataFrame"                     # one row per (target, arm, replicate)
     references: dict[str, Any]               # target → stored evaluation points and centres
     samples: dict[tuple[str, str], Any]      # (target, arm) → first held-out seed's samples
     files: list[Path] = field(default_factory=list)  # the report files written
     tuning: "pd.DataFrame | None" = None     # every tuning trial of every arm
     provenance: list[dict[str, Any]] = field(default_factory=list)  # the runs that made it
     selected: list[dict[str, Any]] = field(default_factory=list)  # each arm's parameters
+    expected: "pd.DataFrame | None" = None   # expected best objective vs tuning budget
 
     @property
-    def tests(self) -> int:
-        """Arms tested against the baseline on each target and metric (Holm's m)."""
-        tuned = self.arms[~self.arms["status"].str.startswith("untuned")]
-        per_target = tuned.groupby("target")["arm"].count() - 1
-        return int(per_target.max()) if len(per_target) else 0
+    def unit(self) -> str:
+        return "replicate" if self.spec.tuning_replicates > 1 else "seed"
 
-    @property
-    def floor(self) -> float:
-        """The smallest Holm-adjusted p the design can attain."""
-        n = self.spec.eval_seeds
-        return min_p_holm(n, n, max(self.tests, 1))
+    def families(self) -> list[dict[str, Any]]:
+        """Each family of tests: its name, metrics, size, correction and the smallest
+        adjusted p its design can attain."""
+        out = []
+        for family in ("confirmatory", "exploratory"):
+            rows = self.table[(self.table["family"] == family) & self.table["p_value"].notna()]
+            if not len(rows):
+                continue
+            out.append({"family": family, "metrics": list(dict.fromkeys(rows["metric"])),
+                        "size": len(rows), "correction": rows["correction"].iloc[0],
+                        "floor": float(rows["min_p_adj"].min())})
+        return out
+
+    def design(self) -> list[str]:
+        """What the design covers and can detect, one sentence each: the unit of
+        replication, the tuning, each family and a warning when it cannot reach ALPHA."""
+        spec = self.spec
+        r, s = spec.tuning_replicates, spec.eval_seeds
+        if r > 1:
+            lines = [f"Unit of replication: the tuning replicate ({r} independent tunings per "
+                     f"arm and target, each with its own sampler seed and {s} held-out seeds "
+                     "nested in it); tests compare replicate means, so they cover the tuning "
+                     "as well as the seeds"]
+        else:
+            lines = [f"Unit of replication: the held-out seed ({s} per arm); each arm was tuned "
+                     "once, so the tests cover seed noise given each arm's selected "
+                     "configuration, not the tuning (tuning_replicates: R ≥ 2 covers it)"]
+        lines.append(self.tuning_note())
+        names = {"holm": "Holm (familywise error)", "bonferroni":
+                 "Bonferroni (familywise error)", "bh": "Benjamini–Hochberg (false "
+                 "discovery rate)", "none": "no correction"}
+        for f in self.families():
+            line = (f"{f['family'].capitalize()} family: {', '.join(f['metrics'])} over every "
+                    f"contrast and target, {f['size']} tests, {names[f['correction']]}; "
+                    f"smallest attainable adjusted p {f['floor']:.2g}")
+            if f["floor"] >= ALPHA:
+                paired = (self.table["test"] == "signed-rank (matched)").all()
+                line = (f"warning: {line}, so no difference in it can reach p < {ALPHA:g}; use "
+                        f"at least {units_needed(f['size'], paired)} {self.unit}s per arm")
+            lines.append(line)
+        return lines
+
+    def tuning_note(self) -> str:
+        """Whether the tuning models or is random search at the budget given."""
+        spec = self.spec
+        if spec.mode == "fixed":
+            return "No tuning: every arm runs its fixed configuration"
+        budget = spec.budget.trials
+        startup = spec.startup()
+        name = spec.sampler.name
+        if startup is None:
+            return f"Tuning: {name} sampler ({spec.budget.label()} per arm), not model-based"
+        if budget is not None and startup >= budget:
+            return (f"Tuning: {name}'s start-up is {startup} trials, not fewer than the budget "
+                    f"of {budget}: every tuning trial is a random draw (random search)")
+        return (f"Tuning: {name} draws its first {startup} trials at random, then samples "
+                f"from its model for the rest of the budget ({spec.budget.label()} per arm)")
 
     def power(self) -> str:
-        """One line on what the design can detect; a warning when it cannot reach ALPHA."""
-        n, m = self.spec.eval_seeds, self.tests
-        line = (f"smallest attainable Holm-adjusted p with {n} held-out seeds per arm and "
-                f"{m} arm(s) tested against {self.spec.baseline}: {self.floor:.2g}")
-        if self.floor >= ALPHA:
-            line = (f"warning: {line}, so no difference can reach p < {ALPHA:g}; use at least "
-                    f"{seeds_needed(max(m, 1))} seeds (--set eval_seeds=N)")
-        return line
+        """The design (see :meth:`design`) as one paragraph, then how to read the tables."""
+        units = "replicate means" if self.unit == "replicate" else "held-out seeds"
+        return ". ".join(self.design()) + ".\n\n" + (
+            f"Values: mean ± s.e. over {units}, #rank. Each contrast: Hodges–Lehmann shift Δ "
+            "of the arm from its reference with its exact 95% interval (the inversion of the "
+            "same test: Moses' for the rank-sum test, Walsh averages for the signed-rank "
+            "test of a matched arm, which pairs units), the test's unadjusted p and its "
+            "family-adjusted p (adj). Intervals are marginal, not adjusted for multiplicity. "
+            f"Bold: confirmatory family, adjusted p < {ALPHA:g}; †: exploratory family, "
+            f"adjusted p < {ALPHA:g}; ⚠: a modes or kl value whose runs had fewer "
+            "high-quality samples than needed to tell coverage from sample count (never "
+            "marked significant).")
 
 
 def _eval_samples(spec: CompareSpec, arm: str) -> int:
     """Samples per evaluation of an arm's runs."""
     return (spec.arms[arm].fixed().get("eval_samples") or spec.train.eval_samples
             or TrainConfig.eval_samples)
+
+
+EXPECTED_COLUMNS = ["target", "arm", "budget", "mean", "lo", "hi", "trials"]
+
+
+def expected_best_frame(spec: CompareSpec, tuning: "pd.DataFrame") -> "pd.DataFrame":
+    """Expected best objective of k tuning trials, k = 1..budget, per tuned arm and target,
+    with a ± 1 standard deviation band clipped to the values seen (:func:`expected_best`),
+    from the arm's complete counted tuning trials over all its replicates."""
+    import pandas as pd
+
+    rows = []
+    if spec.mode != "tune" or tuning is None or tuning.empty:
+        return pd.DataFrame(columns=EXPECTED_COLUMNS)
+    per = tuning.groupby(["target", "arm", "replicate"]).size()
+    for (target, arm), sub in tuning.groupby(["target", "arm"], sort=False):
+        if not spec.tuned(arm):
+            continue
+        done = sub[(sub["state"] == "COMPLETE") & sub["counted"].astype(bool)]
+        values = done["objective"].to_numpy(float)
+        values = values[np.isfinite(values)]
+        budget = spec.budget.trials or int(per.loc[(target, arm)].max())
+        for k, (mean, sd) in enumerate(expected_best(values, budget,
+                                                     spec.objective.direction), start=1):
+            lo, hi = (max(mean - sd, values.min()), min(mean + sd, values.max())) \
+                if len(values) else (math.nan, math.nan)
+            rows.append({"target": target, "arm": arm, "budget": k, "mean": mean,
+                         "lo": float(lo), "hi": float(hi), "trials": len(values)})
+    return pd.DataFrame(rows, columns=EXPECTED_COLUMNS)
 
 
 def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
@@ -809,11 +1103,21 @@ def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
             samples[(r.target, r.arm)] = r.seeds[min(r.seeds)].get("samples")
     runs = pd.DataFrame(rows, columns=None if rows else ["target", "arm", "seed"])
     arm_frame = pd.DataFrame(arms)
-    table = compare_stats(runs, spec.baseline)
-    table = table.merge(arm_frame.drop(columns="params"), on=["target", "arm"], how="left")
+    modes = {t: len((ref or {}).get("centers") or []) for t, ref in references.items()}
+    tested = [c for c in spec.tests() if c[0] in spec.arms and c[1] in spec.arms]
+    table = compare_stats(runs, spec.baseline, contrasts=tested,
+                          matched=[c for c in tested if spec.matched(*c)],
+                          objective=spec.objective.metric,
+                          correction=(spec.correction.confirmatory,
+                                      spec.correction.exploratory), modes=modes)
+    from ganbench.report import arm_totals
+
+    table = table.merge(arm_totals(arm_frame), on=["target", "arm"], how="left")
     runs_made = next((r.provenance for r in results if r.provenance), [])
+    tuning_frame = pd.DataFrame(tuning)
     return Comparison(spec, runs, table, arm_frame, references, samples,
-                      tuning=pd.DataFrame(tuning), provenance=runs_made,
+                      tuning=tuning_frame, provenance=runs_made,
+                      expected=expected_best_frame(spec, tuning_frame),
                       selected=[{"target": r.target, "arm": r.arm, "replicate": r.replicate,
                                  "status": r.status, "params": r.params,
                                  "sampler_seed": spec.arm_sampler(
@@ -836,7 +1140,8 @@ def write_report(comparison: Comparison, out: Path | None = None,
         comparison.references, comparison.samples, folder,
         f"Comparison {spec.name}", comparison.power(), comparison.tuning,
         {"comparison": spec.name, "runs": comparison.provenance,
-         "selected": comparison.selected, "rebuild": rebuild})
+         "selected": comparison.selected, "rebuild": rebuild},
+        comparison.expected, spec.objective.metric)
     if studies:
         comparison.files.append(export_studies(list(studies), folder / EXPORT, _slim))
     return comparison.files

@@ -399,111 +399,193 @@ def _g(value: float, digits: int = 3) -> str:
 
 def summary(r: Any, se_only: bool = False) -> str:
     """A stats row as 'mean ± std (± s.e.)' ('mean ± s.e.' with ``se_only``); where some
-    seeds are infinite (a kl without any high-quality sample), how many, and the median."""
+    runs are infinite (a kl without any high-quality sample), how many, and the median."""
     if r["n_inf"]:
-        return f"inf in {int(r['n_inf'])}/{int(r['n'])} seeds, median {_g(r['median'])}"
+        return f"inf in {int(r['n_inf'])}/{int(r['n'])} runs, median {_g(r['median'])}"
     if se_only:
         return f"{_g(r['mean'])} ± {_g(r['se'], 2)}"
     return f"{_g(r['mean'])} ± {_g(r['std'], 2)} (± {_g(r['se'], 2)})"
 
 
+def _few_hq(r: Any) -> str:
+    """The warning of a modes or kl value read from too few high-quality samples."""
+    if not bool(r.get("few_hq")) or not (r.get("hq_min") == r.get("hq_min")):
+        return ""
+    return f" ⚠ HQ {int(r['hq_min'])} < {int(r['hq_needed'])}"
+
+
+def contrast_text(r: Any) -> tuple[str, str]:
+    """A contrast cell as text and its mark where it is significant as its family is
+    controlled: '**' (confirmatory) or '†' (exploratory), else ''."""
+    if r["shift"] != r["shift"]:  # undefined (inf − inf in both arms)
+        text = f"Δ undefined p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r)}"
+        return text, ""
+    text = (f"Δ {_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "
+            f"p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r)}")
+    if bool(r.get("significant")):
+        return text, "**" if r["family"] == "confirmatory" else "†"
+    return text, ""
+
+
 def compare_markdown(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
                      power: str = "") -> str:
-    """Per target: the arms' mean ± std (± s.e.) and rank per metric; each arm's shift from
-    the baseline with its interval and adjusted p; the tuning and training each arm used."""
+    """Per target: the arms' values per metric; every contrast with its shift, interval,
+    p and adjusted p; the variance components; the tuning and training each arm used."""
     out = []
     for target, sub in table.groupby("target", sort=False):
         metrics = list(dict.fromkeys(sub["metric"]))
         head = " | ".join(f"{m} ({METRICS[m].arrow})" for m in metrics)
-        values = [f"### {target}\n", "Held-out values: mean ± std (± s.e.) #rank\n",
-                  f"| arm | {head} |", "|---|" + "---|" * len(metrics)]
-        effects = [f"\nShift from {baseline}: Hodges–Lehmann Δ [95% bootstrap CI], exact "
-                   "rank-sum p (Holm-adjusted)\n", f"| arm | {head} |",
-                   "|---|" + "---|" * len(metrics)]
-        for arm, rows in sub.groupby("arm", sort=False):
-            by = {m: rows[rows["metric"] == m].iloc[0] for m in metrics}
+        values = [f"### {target}\n", f"| arm | {head} |", "|---|" + "---|" * len(metrics)]
+        first = sub.drop_duplicates(["arm", "metric"])
+        for arm, rows in first.groupby("arm", sort=False):
+            by = {m: rows[rows["metric"] == m].iloc[0] for m in metrics
+                  if (rows["metric"] == m).any()}
             name = f"{arm} (baseline)" if arm == baseline else arm
             values.append(f"| {name} | " + " | ".join(
-                f"{summary(r)} #{int(r['rank'])}" for r in by.values()) + " |")
-            if arm != baseline:
-                effects.append(f"| {arm} | " + " | ".join(
-                    f"{_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "
-                    f"p={_g(r['p_holm'], 2)}" for r in by.values()) + " |")
+                f"{summary(r, se_only=True)} #{int(r['rank'])}{_few_hq(r)}"
+                for r in by.values()) + " |")
         untuned = arms[(arms["target"] == target) & arms["status"].str.startswith("untuned")]
-        for row in untuned.itertuples(index=False):
+        for row in untuned.drop_duplicates("arm").itertuples(index=False):
             values.append(f"| {row.arm} | {row.status}: left out of the tests |" +
                           " |" * (len(metrics) - 1))
-        out.append("\n".join(values + effects) + "\n")
+        tests = sub[sub["p_value"].notna()]
+        effects = ["", f"| contrast | test | {head} |", "|---|---|" + "---|" * len(metrics)]
+        for (arm, ref), rows in tests.groupby(["arm", "reference"], sort=False):
+            cells = []
+            for m in metrics:
+                hit = rows[rows["metric"] == m]
+                if not len(hit):
+                    cells.append("")
+                    continue
+                text, mark = contrast_text(hit.iloc[0])
+                cells.append(f"**{text}**" if mark == "**" else f"{text} {mark}".strip())
+            r0 = rows.iloc[0]
+            effects.append(f"| {arm} − {ref} | {r0['test']}, {int(r0['units'])} "
+                           f"{r0['unit']}s each | " + " | ".join(cells) + " |")
+        spread = ["", "Variance components (sd): between replicate means / between seeds "
+                  "within a replicate", f"| arm | {head} |", "|---|" + "---|" * len(metrics)]
+        for arm, rows in first.groupby("arm", sort=False):
+            spread.append(f"| {arm} | " + " | ".join(
+                f"{_g(r['sd_between'], 2) or '—'} / {_g(r['sd_within'], 2) or '—'}"
+                for _, r in rows.iterrows()) + " |")
+        out.append("\n".join(values + (effects if len(tests) else []) + spread) + "\n")
     compute = ["### compute per arm\n", "Tuning: counted trials, their G and D steps and "
                "training seconds; held-out: G and D steps of all seeds and the wall seconds "
-               "they took (as one population).\n", "| target | arm | status | tuning trials | "
-               "tuning G steps | tuning D steps | tuning s | held-out G steps | held-out D "
-               "steps | held-out wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in arms.itertuples(index=False):
+               "they took (as populations); summed over replicates.\n", "| target | arm | "
+               "status | tuning trials | tuning G steps | tuning D steps | tuning s | held-out "
+               "G steps | held-out D steps | held-out wall s |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+    totals = arm_totals(arms)
+    for r in totals.itertuples(index=False):
         compute.append(f"| {r.target} | {r.arm} | {r.status} | {r.tune_trials:g} | "
                        f"{r.tune_g_steps:g} | {r.tune_d_steps:g} | {r.tune_seconds:.0f} | "
                        f"{r.heldout_g_steps:g} | {r.heldout_d_steps:g} | "
                        f"{r.heldout_wall_seconds:.0f} |")
-    legend = ("Held-out runs: each arm's best configuration retrained on held-out seeds and "
-              "scored on a held-out evaluation sample. p: exact two-sided rank-sum "
-              "(Mann-Whitney U) permutation test against the baseline, ties included, "
-              "Holm-adjusted over the arms per target and metric.\n")
-    if power:
-        legend += f"\n{power[0].upper()}{power[1:]}.\n"
-    return legend + "\n" + "\n".join(out) + "\n" + "\n".join(compute) + "\n"
+    return power + "\n\n" + "\n".join(out) + "\n" + "\n".join(compute) + "\n"
+
+
+def arm_totals(arms: "pd.DataFrame") -> "pd.DataFrame":
+    """Per (target, arm): its status(es) and the compute its replicates used, summed."""
+    numeric = [c for c in arms.columns if c.startswith(("tune_", "heldout_"))]
+    grouped = arms.groupby(["target", "arm"], sort=False)
+    out = grouped[numeric].sum()
+    out.insert(0, "status", grouped["status"].agg(lambda s: ", ".join(dict.fromkeys(s))))
+    return out.reset_index()
 
 
 def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
-    """Box plot of one metric: one panel per target, one box per arm (points overlaid)."""
+    """Box plot of one metric: one panel per target, one box per arm (points overlaid,
+    coloured by tuning replicate)."""
     targets = list(dict.fromkeys(runs["target"]))
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
     for ax, target in zip(axes[0], targets):
         sub = runs[runs["target"] == target]
         arms = list(dict.fromkeys(sub["arm"]))
         data = [sub.loc[sub["arm"] == a, metric].to_numpy(float) for a in arms]
-        data = [d[np.isfinite(d)] for d in data]
-        ax.boxplot(data, tick_labels=arms)
-        for i, d in enumerate(data, start=1):
-            ax.scatter(np.full(len(d), i), d, s=10, c="#1f77b4", zorder=3)
+        ax.boxplot([d[np.isfinite(d)] for d in data], tick_labels=arms)
+        for i, a in enumerate(arms, start=1):
+            rows = sub[sub["arm"] == a]
+            vals = rows[metric].to_numpy(float)
+            reps = rows["replicate"].to_numpy() if "replicate" in rows else np.zeros(len(rows))
+            keep = np.isfinite(vals)
+            ax.scatter(np.full(keep.sum(), i), vals[keep], s=10, c=reps[keep], cmap="tab10",
+                       vmin=0, vmax=9, zorder=3)
         arrow = "lower" if METRICS[metric].direction == "minimize" else "higher"
         ax.set_title(f"{target}: {metric} ({arrow} is better)", fontsize=10)
         ax.tick_params(axis="x", rotation=35, labelsize=8)
     _save(fig, path)
 
 
+def expected_best_plot(expected: "pd.DataFrame", metric: str, path: Path) -> None:
+    """Expected best objective against the tuning budget, one panel per target, one line
+    and ± 1 s.d. band per arm (Dodge et al. 2019)."""
+    targets = list(dict.fromkeys(expected["target"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        sub = expected[expected["target"] == target]
+        for arm, rows in sub.groupby("arm", sort=False):
+            line, = ax.plot(rows["budget"], rows["mean"], marker="o", ms=3, label=arm)
+            ax.fill_between(rows["budget"], rows["lo"], rows["hi"], alpha=0.15,
+                            color=line.get_color())
+        ax.set_xlabel("tuning trials (budget)")
+        ax.set_ylabel(f"expected best {metric}")
+        ax.set_title(target, fontsize=10)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def compare_html(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
                  power: str = "") -> str:
-    """The comparison's results as HTML tables: per target, arms × metrics with mean ± s.e.,
-    the shift from the baseline with its interval and Holm-adjusted p, the best arm per
-    metric (rank 1) in bold; then the compute each arm used."""
+    """The comparison's results as HTML: the design, then per target the arms' values, every
+    contrast (bold and † as the legend states) and the variance components; then the
+    compute each arm used."""
     esc = html.escape
-    parts = [f"<p>{esc(power)}</p>"] if power else []
+    parts = [f"<p>{esc(p)}</p>" for p in power.split("\n\n") if p]
     for target, sub in table.groupby("target", sort=False):
         metrics = list(dict.fromkeys(sub["metric"]))
         head = "".join(f"<th>{esc(m)} {esc(METRICS[m].arrow)}</th>" for m in metrics)
+        first = sub.drop_duplicates(["arm", "metric"])
         rows = []
-        for arm, group in sub.groupby("arm", sort=False):
-            cells = []
-            for m in metrics:
-                r = group[group["metric"] == m].iloc[0]
-                value = esc(summary(r, se_only=True))
-                if int(r["rank"]) == 1:
-                    value = f"<strong>{value} ★</strong>"
-                if arm != baseline:
-                    value += (f"<br><small>Δ {esc(_g(r['shift']))} [{esc(_g(r['shift_low']))}, "
-                              f"{esc(_g(r['shift_high']))}] p={esc(_g(r['p_holm'], 2))}</small>")
-                cells.append(f"<td>{value}</td>")
+        for arm, group in first.groupby("arm", sort=False):
+            cells = "".join(
+                f"<td>{esc(summary(r, se_only=True))} #{int(r['rank'])}"
+                f"{esc(_few_hq(r))}</td>" for _, r in group.iterrows())
             name = f"{esc(arm)} (baseline)" if arm == baseline else esc(arm)
-            rows.append(f"<tr><th>{name}</th>{''.join(cells)}</tr>")
+            rows.append(f"<tr><th>{name}</th>{cells}</tr>")
         untuned = arms[(arms["target"] == target) & arms["status"].str.startswith("untuned")]
-        for row in untuned.itertuples(index=False):
+        for row in untuned.drop_duplicates("arm").itertuples(index=False):
             rows.append(f"<tr><th>{esc(row.arm)}</th><td colspan='{len(metrics)}'>"
                         f"{esc(row.status)}: left out of the tests</td></tr>")
-        parts.append(f"<h3>{esc(str(target))}</h3><p>Held-out mean ± s.e.; ★ best; Δ: "
-                     f"Hodges–Lehmann shift from {esc(baseline)} [95% bootstrap CI], exact "
-                     "rank-sum p, Holm-adjusted.</p>"
-                     f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>")
-    compute = arms.rename(columns=lambda c: c.replace("_", " "))
+        tests = sub[sub["p_value"].notna()]
+        contrasts = []
+        for (arm, ref), group in tests.groupby(["arm", "reference"], sort=False):
+            cells = []
+            for m in metrics:
+                hit = group[group["metric"] == m]
+                if not len(hit):
+                    cells.append("<td></td>")
+                    continue
+                text, mark = contrast_text(hit.iloc[0])
+                cell = esc(text)
+                cells.append(f"<td><strong>{cell}</strong></td>" if mark == "**" else
+                             f"<td>{cell} {mark}</td>")
+            r0 = group.iloc[0]
+            contrasts.append(f"<tr><th>{esc(arm)} − {esc(ref)}<br><small>{esc(r0['test'])}, "
+                             f"{int(r0['units'])} {esc(r0['unit'])}s each</small></th>"
+                             f"{''.join(cells)}</tr>")
+        spread = "".join(
+            f"<tr><th>{esc(arm)}</th>" + "".join(
+                f"<td>{esc(_g(r['sd_between'], 2) or '—')} / "
+                f"{esc(_g(r['sd_within'], 2) or '—')}</td>" for _, r in group.iterrows())
+            + "</tr>" for arm, group in first.groupby("arm", sort=False))
+        parts.append(
+            f"<h3>{esc(str(target))}</h3><p>Values: mean ± s.e. #rank.</p>"
+            f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>"
+            + (f"<p>Contrasts (arm − reference):</p><table><tr><th>contrast</th>{head}</tr>"
+               f"{''.join(contrasts)}</table>" if contrasts else "")
+            + "<p>Variance components, sd between replicate means / between seeds within a "
+            f"replicate:</p><table><tr><th>arm</th>{head}</tr>{spread}</table>")
+    compute = arm_totals(arms).rename(columns=lambda c: c.replace("_", " "))
     parts.append("<h3>compute per arm</h3>" + compute.to_html(
         index=False, float_format=lambda v: f"{v:.4g}", na_rep=""))
     return "\n".join(parts)
@@ -513,12 +595,16 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
                          baseline: str, references: dict[str, Any],
                          samples: dict[tuple[str, str], Any], out_dir: str | os.PathLike,
                          title: str, power: str = "", tuning: "pd.DataFrame | None" = None,
-                         provenance: dict[str, Any] | None = None) -> list[Path]:
-    """compare.csv / compare.md / runs.csv / tuning.csv, box plots, a sample grid,
-    provenance.json and index.html, from the per-seed ``runs``, their statistics ``table``,
-    the ``arms``' status, compute and selected parameters, and every ``tuning`` trial
-    (ganbench.compare computes them); ``power`` is the design's one-line power note and
-    ``provenance`` what ``provenance.json`` holds (``runs``: the recorded runs)."""
+                         provenance: dict[str, Any] | None = None,
+                         expected: "pd.DataFrame | None" = None,
+                         objective: str = "w1") -> list[Path]:
+    """compare.csv / compare.md / runs.csv / tuning.csv / expected_best.csv, box plots, the
+    expected-best curves, a sample grid, provenance.json and index.html, from the per-seed
+    ``runs``, their statistics ``table``, the ``arms``' status, compute and selected
+    parameters, every ``tuning`` trial and the ``expected`` best objective (of metric
+    ``objective``) per budget (ganbench.compare computes them); ``power`` is the design's
+    paragraph and ``provenance`` what ``provenance.json`` holds (``runs``: the recorded
+    runs)."""
     out = Path(out_dir)
     atomic_write_text(out / "compare.csv", table.to_csv(index=False))
     markdown = compare_markdown(table, arms, baseline, power)
@@ -528,13 +614,22 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
     if tuning is not None:
         atomic_write_text(out / "tuning.csv", tuning.to_csv(index=False))
         files.append(out / "tuning.csv")
+    figures = []
+    if expected is not None and len(expected):
+        atomic_write_text(out / "expected_best.csv", expected.to_csv(index=False))
+        files.append(out / "expected_best.csv")
+        expected_best_plot(expected, objective, out / "expected_best.png")
+        figures.append(("expected_best.png", f"Expected best {objective} of k tuning trials "
+                        "(Dodge et al. 2019: k draws with replacement from an arm's tuning "
+                        "trials, all replicates pooled), ± 1 s.d.; "
+                        "<a href='expected_best.csv'>expected_best.csv</a>"))
     if provenance is not None:
         write_json(out / "provenance.json", provenance)
         files.append(out / "provenance.json")
-    figures = []
     for metric in table["metric"].unique():
         compare_boxplots(runs, metric, out / f"box_{metric}.png")
-        figures.append((f"box_{metric}.png", f"{metric} over held-out seeds"))
+        figures.append((f"box_{metric}.png", f"{metric} over held-out runs (colour: tuning "
+                        "replicate)"))
     targets = list(dict.fromkeys(runs["target"]))
     arms_frame, arms = arms, list(dict.fromkeys(runs["arm"]))
     panels = []
@@ -551,16 +646,19 @@ def write_compare_report(runs: "pd.DataFrame", table: "pd.DataFrame", arms: "pd.
         figures.append(("samples.png", "Generated samples of the first held-out seed: "
                         "one row per arm"))
     sections = [("Results", compare_html(table, arms_frame, baseline, power) +
-                 "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-seed values: "
+                 "<p>Full table: <a href='compare.csv'>compare.csv</a>; per-run values: "
                  "<a href='runs.csv'>runs.csv</a>.</p>")]
-    sections += [(caption, figure(f, caption)) for f, caption in figures]
+    sections += [(caption.split(" (")[0].split(";")[0], figure(f, caption))
+                 for f, caption in figures]
     if provenance is not None:
-        chosen = arms_frame[["target", "arm", "status", "params"]].to_html(
-            index=False, na_rep="")
+        columns = [c for c in ("target", "arm", "replicate", "status", "params")
+                   if c in arms_frame]
+        chosen = arms_frame[columns].to_html(index=False, na_rep="")
         sections.append(("How this was made", provenance_html(
             provenance.get("runs", []), provenance.get("rebuild", ""),
-            "<p>Selected parameters of each arm (its best tuning trial; every tuning "
-            "trial is in <a href='tuning.csv'>tuning.csv</a>):</p>" + chosen)))
+            "<p>Selected parameters of each arm and replicate (its best tuning trial, or "
+            "its source's for a matched arm; every tuning trial is in "
+            "<a href='tuning.csv'>tuning.csv</a>):</p>" + chosen)))
     atomic_write_text(out / "index.html", html_page(title, f"Baseline arm: {baseline}.",
                                                     sections))
     return files + [out / f for f, _ in figures] + [out / "index.html"]
