@@ -704,8 +704,6 @@ def units_needed(tests: int, paired: bool = False, alpha: float = ALPHA) -> int:
     return n
 
 
-seeds_needed = units_needed
-
 
 def _cut(level: float, law: np.ndarray) -> int:
     """The largest c with P(S ≤ c) ≤ (1 − level)/2 under ``law`` (−1 if none): the test

@@ -19,7 +19,7 @@ from ganbench.compare import (
     min_p_holm,
     rank_sum_p,
     search_seeds,
-    seeds_needed,
+    units_needed,
 )
 from ganbench.errors import SpecError
 from ganbench.spec import load_compare
@@ -80,17 +80,21 @@ def test_the_designs_power():
     assert min_p_holm(5, 5, 7) == pytest.approx(7 * 2 / 252)
     assert min_p_holm(5, 5, 7) > 0.05 > min_p_holm(6, 6, 7)
     assert min_p_holm(10, 10, 7) == pytest.approx(7 * 2 / 184756)
-    assert seeds_needed(7) == 6 and seeds_needed(1) == 4
-    # The shipped comparison's default is enough for its 7 tested arms.
+    assert units_needed(7) == 6 and units_needed(1) == 4
+    assert units_needed(1, paired=True) == 6  # 2 / 2^6 < 0.05 ≤ 2 / 2^5
+    # The shipped comparison's replicates are enough for its confirmatory family.
     spec = load_compare("studies/tricks.yaml")
-    assert min_p_holm(spec.eval_seeds, spec.eval_seeds, len(spec.arms) - 1) < 0.05
+    r, tests = spec.tuning_replicates, len(spec.tests()) * len(spec.targets)
+    assert min_p_holm(r, r, tests) < 0.05
 
 
 def test_hodges_lehmann_shift_and_interval():
     assert compare.hodges_lehmann([1, 2, 3], [0, 0, 0]) == 2.0
-    low, high = compare.shift_ci([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 1.0])
-    assert low <= compare.hodges_lehmann([1, 2, 3, 4], [0, 1, 0, 1]) <= high
-    assert compare.shift_ci([1.0, 1.0], [1.0, 1.0]) == (0.0, 0.0)
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.5], [0.0, 1.0, 0.5, 1.5, 0.2]
+    low, high = compare.moses_interval(x, y)
+    assert low <= compare.hodges_lehmann(x, y) <= high
+    # Too few runs for a 95% interval: it says so rather than inventing one.
+    assert compare.moses_interval([1.0, 1.0], [1.0, 1.0]) == (-math.inf, math.inf)
 
 
 def test_held_out_runs_use_their_own_evaluation_sample(tmp_path):
@@ -191,21 +195,23 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     out = tmp_path / "reports" / "cmp"
     table = pd.read_csv(out / "compare.csv")
     runs = pd.read_csv(out / "runs.csv")
-    assert table.columns[0] == "arm"
+    assert list(table.columns[:3]) == ["target", "metric", "arm"]
     assert {"mean", "std", "se", "ci_low", "ci_high", "shift", "shift_low", "shift_high",
-            "p_value", "p_holm", "min_p_holm", "rank", "status", "tune_trials", "tune_g_steps",
+            "p_value", "p_adj", "family", "min_p_adj", "rank", "status", "tune_trials",
+            "tune_g_steps",
             "tune_d_steps", "tune_seconds", "heldout_g_steps", "heldout_d_steps",
             "heldout_wall_seconds"} <= set(table)
     assert (table["tune_trials"] == 2).all() and (table["tune_g_steps"] == 80).all()
     assert (table["heldout_g_steps"] == 3 * 40).all() and (table["status"] == "tuned").all()
-    assert "warning: smallest attainable Holm-adjusted p with 3 held-out seeds per arm and " \
-           "2 arm(s) tested against plain: 0.2" in " ".join(proc.stdout.split())
+    assert "warning: Confirmatory family: w1 over every contrast and target, 2 tests, Holm " \
+           "(familywise error); smallest attainable adjusted p 0.2" in " ".join(
+               proc.stdout.split())
     assert set(table["arm"]) == {"plain", "pacgan2", "ema"}
     assert sorted(runs["seed"].unique()) == [1000, 1001, 1002]
-    for metric in ("w1", "modes", "kl"):
+    raw_p = {}
+    for metric in ("w1", "sliced_w1", "modes", "hq", "kl"):
         rows = table[table["metric"] == metric].set_index("arm")
         base = runs.loc[runs["arm"] == "plain", metric].to_numpy()
-        raw_p = {}
         for arm in ("plain", "pacgan2", "ema"):
             vals = runs.loc[runs["arm"] == arm, metric].to_numpy()
             # A seed without any high-quality sample has kl = inf: its mean is inf, std nan.
@@ -219,16 +225,25 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
             assert (rows.loc[arm, "ci_low"], rows.loc[arm, "ci_high"]) == \
                 pytest.approx((low, high), nan_ok=True)
             if arm != "plain":
-                raw_p[arm] = permutation_p(vals, base)
-                assert rows.loc[arm, "p_value"] == pytest.approx(raw_p[arm], rel=1e-12)
+                raw_p[(metric, arm)] = permutation_p(vals, base)
+                assert rows.loc[arm, "p_value"] == pytest.approx(raw_p[(metric, arm)],
+                                                                 rel=1e-12)
                 with np.errstate(invalid="ignore"):
                     shift = np.median(np.subtract.outer(vals, base))
                 assert rows.loc[arm, "shift"] == pytest.approx(shift, nan_ok=True)
-                assert rows.loc[arm, "min_p_holm"] == pytest.approx(2 * 2 / math.comb(6, 3))
-        adjusted = dict(zip(raw_p, holm(list(raw_p.values()))))
-        for arm, p in adjusted.items():
-            assert rows.loc[arm, "p_holm"] == pytest.approx(p)
+                assert rows.loc[arm, "reference"] == "plain"
         assert np.isnan(rows.loc["plain", "p_value"])
+    # w1 (the objective) over both contrasts is the confirmatory family, adjusted by Holm;
+    # the other metrics' 8 tests are one exploratory family, adjusted by BH.
+    w1 = [k for k in raw_p if k[0] == "w1"]
+    rest = [k for k in raw_p if k[0] != "w1"]
+    for keys, family, method in ((w1, "confirmatory", holm),
+                                 (rest, "exploratory", compare.benjamini_hochberg)):
+        for key, p in zip(keys, method([raw_p[k] for k in keys])):
+            row = table[(table["metric"] == key[0]) & (table["arm"] == key[1])].iloc[0]
+            assert row["family"] == family and row["family_size"] == len(keys)
+            assert row["p_adj"] == pytest.approx(p)
+            assert row["min_p_adj"] == pytest.approx(len(keys) * 2 / math.comb(6, 3))
     for name in ("compare.md", "index.html", "box_w1.png", "samples.png"):
         assert (out / name).stat().st_size > 0
     assert "plain (baseline)" in (out / "compare.md").read_text()
@@ -244,10 +259,11 @@ def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     # float32 rounding.
     assert rescore(config, g)["w1"] == pytest.approx(row["w1"], rel=1e-5)
     page = (out / "index.html").read_text()  # the results as HTML tables, best marked
-    # Tables: the target's results, the compute per arm, the selected parameters.
-    assert "<pre>" not in page and page.count("<table") == 3 and "plain (baseline)" in page
-    n_metrics = table[table["arm"] == "plain"]["metric"].nunique()
-    assert n_metrics <= page.count("★") <= 3 * n_metrics  # rank 1 per metric (ties share)
+    # Tables: values, contrasts, variance components, compute, the selected parameters.
+    assert "<pre>" not in page and page.count("<table") == 5 and "plain (baseline)" in page
+    # Bold is exactly the confirmatory cells significant after Holm.
+    bold = table[(table["family"] == "confirmatory") & table["significant"]]
+    assert page.count("<td><strong>") == len(bold)
     # Resumes like a sweep: a rerun trains nothing new and gives the same table.
     again = ganbench("compare", str(write(tmp_path)), cwd=tmp_path)
     assert again.returncode == 0
@@ -323,7 +339,8 @@ def test_an_untuned_arm_is_named_and_left_out_of_the_tests(tmp_path):
     runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
     assert "exploding" not in set(table["arm"]) and "exploding" not in set(runs["arm"])
     # Holm counts the two tuned arms only.
-    assert np.allclose(table.loc[table["arm"] != "plain", "min_p_holm"], 0.2)
+    w1 = table[(table["metric"] == "w1") & (table["arm"] != "plain")]
+    assert len(w1) == 2 and np.allclose(w1["min_p_adj"], 0.2)
     md = (tmp_path / "reports/cmp/compare.md").read_text()
     assert "| exploding | untuned (2 failed/pruned): left out of the tests |" in md
 
@@ -392,7 +409,7 @@ def test_infinite_values_are_counted_and_shown_with_the_median():
                          "kl": [0.1, 0.2, 0.3, 1.5, math.inf, 2.0]})
     table = compare_stats(runs, "base").set_index("arm")
     assert table.loc["x", "n_inf"] == 1 and table.loc["x", "median"] == 2.0
-    assert summary(table.loc["x"]) == "inf in 1/3 seeds, median 2"
+    assert summary(table.loc["x"]) == "inf in 1/3 runs, median 2"
     assert summary(table.loc["base"], se_only=True) == "0.2 ± 0.058"
     # The test still ranks it: inf is the largest value, the worst kl.
     assert table.loc["x", "p_value"] == pytest.approx(permutation_p([1.5, math.inf, 2.0],
