@@ -993,6 +993,9 @@ class Comparison:
                      f"arm and target, each with its own sampler seed and {s} held-out seeds "
                      "nested in it); tests compare replicate means, so they cover the tuning "
                      "as well as the seeds"]
+        elif spec.mode == "fixed":
+            lines = [f"Unit of replication: the held-out seed ({s} per arm), each arm in its "
+                     "fixed configuration"]
         else:
             lines = [f"Unit of replication: the held-out seed ({s} per arm); each arm was tuned "
                      "once, so the tests cover seed noise given each arm's selected "
