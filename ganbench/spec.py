@@ -508,8 +508,12 @@ SAMPLER_STARTUP = {"tpe": 10, "gp": 10, "cmaes": 1}
 
 
 def quick_overrides(path: str | Path) -> list[str]:
-    """The overrides of ``--quick``: QUICK, and the name ``<name>-quick``."""
-    return QUICK + [f"name={read_yaml(path).get('name', 'compare')}-quick"]
+    """The overrides of ``--quick``: QUICK, two tuning replicates where the file has more,
+    and the name ``<name>-quick``."""
+    raw = read_yaml(path)
+    replicates = raw.get("tuning_replicates")
+    fewer = ["tuning_replicates=2"] if isinstance(replicates, int) and replicates > 2 else []
+    return QUICK + fewer + [f"name={raw.get('name', 'compare')}-quick"]
 
 
 class CompareSpec(BaseModel):
