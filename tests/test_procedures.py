@@ -113,7 +113,7 @@ def replicate_runs(seed=0, arms=("base", "x", "y"), targets=("ring", "grid"), r=
     """Runs with a tuning-replicate effect and seed noise nested in it."""
     rng = np.random.default_rng(seed)
     rows = []
-    for t, target in enumerate(targets):
+    for target in targets:
         for a, arm in enumerate(arms):
             for rep in range(r):
                 effect = 0.3 * a + rng.normal(0, 0.4)  # what the tuning landed on
