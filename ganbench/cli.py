@@ -581,7 +581,7 @@ def compare_cmd(
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
     each best configuration on held-out seeds, test against the baseline arm."""
-    from ganbench.report import summary
+    from ganbench.report import contrast_cells, summary
     from ganbench.spec import load_compare, quick_overrides
 
     overrides = quick_overrides(spec_path) if quick else []
@@ -620,15 +620,12 @@ def compare_cmd(
         for row in untuned.itertuples(index=False):
             t.add_row(row.arm, f"{row.status}: left out of the tests",
                       *[""] * (len(metrics) - 1))
-        tests = sub[sub["p_value"].notna()]
-        for (arm, ref), g in tests.groupby(["arm", "reference"], sort=False):
+        for arm, ref, _, hits in contrast_cells(sub, metrics):
             cells = []
-            for m in metrics:
-                hit = g[g["metric"] == m]
-                if not len(hit):
+            for r in hits:
+                if r is None:
                     cells.append("")
                     continue
-                r = hit.iloc[0]
                 cell = (f"Δ {r['shift']:.3g} [{r['shift_low']:.3g}, {r['shift_high']:.3g}] "
                         f"adj={r['p_adj']:.2g}")
                 cells.append(f"[bold]{cell}[/]" if r["significant"] else cell)

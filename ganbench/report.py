@@ -427,6 +427,19 @@ def contrast_text(r: Any) -> tuple[str, str]:
     return text, ""
 
 
+def contrast_cells(sub: "pd.DataFrame", metrics: Sequence[str]
+                   ) -> list[tuple[str, str, Any, list[Any]]]:
+    """The contrasts of one target's statistics ``sub``: (arm, reference, its first row,
+    its row per metric or None), in the table's order."""
+    out = []
+    tests = sub[sub["p_value"].notna()]
+    for (arm, ref), rows in tests.groupby(["arm", "reference"], sort=False):
+        cells = [rows[rows["metric"] == m].iloc[0] if (rows["metric"] == m).any() else None
+                 for m in metrics]
+        out.append((arm, ref, rows.iloc[0], cells))
+    return out
+
+
 def compare_markdown(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
                      power: str = "") -> str:
     """Per target: the arms' values per metric; every contrast with its shift, interval,
@@ -448,18 +461,13 @@ def compare_markdown(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
         for row in untuned.drop_duplicates("arm").itertuples(index=False):
             values.append(f"| {row.arm} | {row.status}: left out of the tests |" +
                           " |" * (len(metrics) - 1))
-        tests = sub[sub["p_value"].notna()]
+        tests = contrast_cells(sub, metrics)
         effects = ["", f"| contrast | test | {head} |", "|---|---|" + "---|" * len(metrics)]
-        for (arm, ref), rows in tests.groupby(["arm", "reference"], sort=False):
+        for arm, ref, r0, hits in tests:
             cells = []
-            for m in metrics:
-                hit = rows[rows["metric"] == m]
-                if not len(hit):
-                    cells.append("")
-                    continue
-                text, mark = contrast_text(hit.iloc[0])
+            for hit in hits:
+                text, mark = contrast_text(hit) if hit is not None else ("", "")
                 cells.append(f"**{text}**" if mark == "**" else f"{text} {mark}".strip())
-            r0 = rows.iloc[0]
             effects.append(f"| {arm} − {ref} | {r0['test']}, {int(r0['units'])} "
                            f"{r0['unit']}s each | " + " | ".join(cells) + " |")
         spread = ["", "Variance components (sd): between replicate means / between seeds "
@@ -556,20 +564,14 @@ def compare_html(table: "pd.DataFrame", arms: "pd.DataFrame", baseline: str,
         for row in untuned.drop_duplicates("arm").itertuples(index=False):
             rows.append(f"<tr><th>{esc(row.arm)}</th><td colspan='{len(metrics)}'>"
                         f"{esc(row.status)}: left out of the tests</td></tr>")
-        tests = sub[sub["p_value"].notna()]
         contrasts = []
-        for (arm, ref), group in tests.groupby(["arm", "reference"], sort=False):
+        for arm, ref, r0, hits in contrast_cells(sub, metrics):
             cells = []
-            for m in metrics:
-                hit = group[group["metric"] == m]
-                if not len(hit):
-                    cells.append("<td></td>")
-                    continue
-                text, mark = contrast_text(hit.iloc[0])
+            for hit in hits:
+                text, mark = contrast_text(hit) if hit is not None else ("", "")
                 cell = esc(text)
                 cells.append(f"<td><strong>{cell}</strong></td>" if mark == "**" else
                              f"<td>{cell} {mark}</td>")
-            r0 = group.iloc[0]
             contrasts.append(f"<tr><th>{esc(arm)} − {esc(ref)}<br><small>{esc(r0['test'])}, "
                              f"{int(r0['units'])} {esc(r0['unit'])}s each</small></th>"
                              f"{''.join(cells)}</tr>")
