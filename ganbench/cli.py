@@ -581,7 +581,7 @@ def compare_cmd(
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
     each best configuration on held-out seeds, test against the baseline arm."""
-    from ganbench.report import contrast_cells, summary
+    from ganbench.report import contrast_cells, contrast_text, summary
     from ganbench.spec import load_compare, quick_overrides
 
     overrides = quick_overrides(spec_path) if quick else []
@@ -621,15 +621,9 @@ def compare_cmd(
             t.add_row(row.arm, f"{row.status}: left out of the tests",
                       *[""] * (len(metrics) - 1))
         for arm, ref, _, hits in contrast_cells(sub, metrics):
-            cells = []
-            for r in hits:
-                if r is None:
-                    cells.append("")
-                    continue
-                cell = (f"Δ {r['shift']:.3g} [{r['shift_low']:.3g}, {r['shift_high']:.3g}] "
-                        f"adj={r['p_adj']:.2g}")
-                cells.append(f"[bold]{cell}[/]" if r["significant"] else cell)
-            t.add_row(f"{arm} − {ref}", *cells)
+            cells = [contrast_text(r) if r is not None else ("", "") for r in hits]
+            t.add_row(f"{arm} − {ref}", *[f"[bold]{text}[/]" if mark == "**" else
+                                          f"{text} {mark}".strip() for text, mark in cells])
         console.print(t)
     for line in result.design():
         console.print(f"[yellow]{line}[/]" if line.startswith("warning") else line)
