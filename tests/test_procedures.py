@@ -354,6 +354,9 @@ def test_a_matched_arm_retrains_exactly_its_sources_selection(tmp_path):
     page = (out / "index.html").read_text()
     assert "Unit of replication: the tuning replicate" in page
     assert "expected_best.png" in page and "from plain" in page
+    status = ganbench("status", str(tmp_path / "proc.yaml"), cwd=tmp_path)
+    assert status.returncode == 0 and "replicate" in status.stdout
+    assert status.stdout.count("from plain") == 4 and status.stdout.count("2/2") == 8
     # The verify command re-trains a matched arm's replicate from the committed files.
     check = ganbench("verify", str(out), "--runs", "3", cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
