@@ -2,6 +2,7 @@
 report and on its page, tagged on MLflow; the report rebuilt from its committed export."""
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_a_committed_report_is_rebuilt_from_its_export(name, tmp_path):
     subprocess.run(["cp", "-r", str(REPO / "reports" / name), str(tmp_path / "reports")],
                    check=True)
     (tmp_path / "studies").symlink_to(REPO / "studies")
-    argv = provenance.report_command(made["runs"]).split()[1:]
+    argv = shlex.split(provenance.report_command(made["runs"]))[1:]
     proc = ganbench(*argv, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for table in ("compare.csv", "compare.md", "runs.csv", "tuning.csv", "leaderboard.csv",
