@@ -579,8 +579,11 @@ def compare_cmd(
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
     compile: bool = CompileOpt,
 ) -> None:
-    """Compare arms (loss + tricks) budget-fairly: tune each with the same budget, retrain
-    each best configuration on held-out seeds, test against the baseline arm."""
+    """Compare arms (loss + tricks) budget-fairly: tune each with the same budget in every
+    tuning replicate, retrain each selection on held-out seeds, test the contrasts (every
+    arm against the baseline by default) with exact tests and declared families."""
+    from rich.markup import escape
+
     from ganbench.report import contrast_cells, contrast_text, summary
     from ganbench.spec import load_compare, quick_overrides
 
@@ -606,8 +609,9 @@ def compare_cmd(
              else f"{spec.eval_seeds} held-out seeds")
     for target, sub in result.table.groupby("target", sort=False):
         metrics = list(dict.fromkeys(sub["metric"]))
-        t = Table(title=f"{target}: mean ± s.e. over {units}; contrasts: Δ [exact 95% CI] "
-                        "adjusted p (bold: significant as its family is controlled)")
+        t = Table(title=escape(f"{target}: mean ± s.e. over {units}; contrasts: Δ [exact "
+                               "95% CI] p, adjusted p (bold: significant as its family is "
+                               "controlled)"))
         t.add_column("arm")
         for m in metrics:
             t.add_column(m, justify="right")
@@ -622,8 +626,9 @@ def compare_cmd(
                       *[""] * (len(metrics) - 1))
         for arm, ref, _, hits in contrast_cells(sub, metrics):
             cells = [contrast_text(r) if r is not None else ("", "") for r in hits]
-            t.add_row(f"{arm} − {ref}", *[f"[bold]{text}[/]" if mark == "**" else
-                                          f"{text} {mark}".strip() for text, mark in cells])
+            t.add_row(f"{arm} − {ref}", *[f"[bold]{escape(text)}[/]" if mark == "**" else
+                                          escape(f"{text} {mark}".strip())
+                                          for text, mark in cells])
         console.print(t)
     for line in result.design():
         console.print(f"[yellow]{line}[/]" if line.startswith("warning") else line)

@@ -1006,7 +1006,8 @@ class Comparison:
                  "discovery rate)", "none": "no correction"}
         for f in self.families():
             line = (f"{f['family'].capitalize()} family: {', '.join(f['metrics'])} over every "
-                    f"contrast and target, {f['size']} tests, {names[f['correction']]}; "
+                    f"contrast and target, {f['size']} test{'s' * (f['size'] != 1)}, "
+                    f"{names[f['correction']]}; "
                     f"smallest attainable adjusted p {f['floor']:.2g}")
             if f["floor"] >= ALPHA:
                 paired = (self.table["test"] == "signed-rank (matched)").all()
