@@ -823,7 +823,8 @@ def hq_needed(modes: int, metric: str) -> int:
 STATS_COLUMNS = ["target", "metric", "arm", "replicates", "n", "n_inf", "mean", "median",
                  "std", "se", "ci_low", "ci_high", "sd_between", "sd_within", "rank",
                  "hq_min", "hq_needed", "few_hq",
-                 "reference", "unit", "test", "units", "shift", "shift_low", "shift_high",
+                 "reference", "unit", "test", "units", "pair_hq_min", "pair_few_hq",
+                 "shift", "shift_low", "shift_high",
                  "p_value", "family", "correction", "family_size", "p_adj", "min_p_adj",
                  "significant"]
 
@@ -854,7 +855,8 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
     Families: the ``objective`` metric over every contrast and target is confirmatory,
     adjusted by ``correction[0]``; every other metric is one exploratory family, adjusted by
     ``correction[1]``. ``modes`` (target → number of modes) flags modes and kl cells whose
-    runs have fewer high-quality samples than :func:`hq_needed`.
+    runs have fewer high-quality samples than :func:`hq_needed` (``few_hq``; a contrast is
+    flagged, ``pair_few_hq``, and never significant, when either of its arms is).
     """
     import pandas as pd
 
@@ -909,7 +911,9 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
                 paired = (arm, ref) in set(map(tuple, matched)) and a.index.equals(r.index)
                 row = dict(block[arm]) | {
                     "reference": ref, "unit": "replicate" if by_replicate else "seed",
-                    "units": len(a), "few_hq": block[arm]["few_hq"] or block[ref]["few_hq"]}
+                    "units": len(a),
+                    "pair_few_hq": block[arm]["few_hq"] or block[ref]["few_hq"],
+                    "pair_hq_min": min(block[arm]["hq_min"], block[ref]["hq_min"])}
                 if paired:
                     x, y = a.to_numpy(float), r.to_numpy(float)
                     with np.errstate(invalid="ignore"):  # equal values (inf too) differ by 0
@@ -945,7 +949,8 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
             scale = 1 if method == "none" else len(members)
             table.loc[members, "min_p_adj"] = np.minimum(
                 1.0, scale * table.loc[members, "min_p"])
-    table["significant"] = (table["p_adj"] < ALPHA) & ~table["few_hq"].astype(bool)
+    pair_few = table["pair_few_hq"].astype("boolean").fillna(False).astype(bool)
+    table["significant"] = (table["p_adj"] < ALPHA) & ~pair_few
     return table.reindex(columns=STATS_COLUMNS)
 
 

@@ -407,21 +407,24 @@ def summary(r: Any, se_only: bool = False) -> str:
     return f"{_g(r['mean'])} ± {_g(r['std'], 2)} (± {_g(r['se'], 2)})"
 
 
-def _few_hq(r: Any) -> str:
-    """The warning of a modes or kl value read from too few high-quality samples."""
-    if not bool(r.get("few_hq")) or not (r.get("hq_min") == r.get("hq_min")):
+def _few_hq(r: Any, pair: bool = False) -> str:
+    """The warning of a modes or kl value (``pair``: a contrast, either arm) read from too
+    few high-quality samples."""
+    flagged, least = (r.get("pair_few_hq"), r.get("pair_hq_min")) if pair else (
+        r.get("few_hq"), r.get("hq_min"))
+    if flagged != flagged or not bool(flagged) or least != least:
         return ""
-    return f" ⚠ HQ {int(r['hq_min'])} < {int(r['hq_needed'])}"
+    return f" ⚠ HQ {int(least)} < {int(r['hq_needed'])}"
 
 
 def contrast_text(r: Any) -> tuple[str, str]:
     """A contrast cell as text and its mark where it is significant as its family is
     controlled: '**' (confirmatory) or '†' (exploratory), else ''."""
     if r["shift"] != r["shift"]:  # undefined (inf − inf in both arms)
-        text = f"Δ undefined p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r)}"
+        text = f"Δ undefined p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}"
         return text, ""
     text = (f"Δ {_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "
-            f"p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r)}")
+            f"p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}")
     if bool(r.get("significant")):
         return text, "**" if r["family"] == "confirmatory" else "†"
     return text, ""

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from ganbench import compare
+from ganbench import compare, report
 from ganbench.compare import (
     compare_stats,
     expected_best,
@@ -246,10 +246,19 @@ def test_cells_with_too_few_hq_samples_are_flagged_and_never_significant():
     runs.loc[(runs["arm"] == "x") & (runs["replicate"] == 2), "hq_samples"] = 72
     weak = compare_stats(runs, "base", modes={"ring": 25, "grid": 25})
     modes = weak[(weak["metric"] == "modes") & (weak["arm"] == "x")]
-    assert modes["few_hq"].all() and not modes["significant"].any()
+    assert modes["few_hq"].all() and modes["pair_few_hq"].all()
+    assert not modes["significant"].any()
     assert (modes["hq_min"] == 72).all() and (modes["hq_needed"] == 96).all()
     w1 = weak[(weak["metric"] == "w1") & (weak["arm"] == "x")]
-    assert not w1["few_hq"].any()  # w1 does not count HQ samples
+    assert not w1["few_hq"].any() and not w1["pair_few_hq"].any()  # w1 counts no HQ sample
+    # Too few in the reference arm alone: the arm's own value is sound, the contrast is not.
+    runs["hq_samples"] = 2000
+    runs.loc[(runs["arm"] == "base") & (runs["seed"] % 1000 == 1), "hq_samples"] = 50
+    ref = compare_stats(runs, "base", modes={"ring": 25, "grid": 25})
+    modes = ref[(ref["metric"] == "modes") & (ref["arm"] == "x")]
+    assert not modes["few_hq"].any() and modes["pair_few_hq"].all()
+    assert (modes["pair_hq_min"] == 50).all() and not modes["significant"].any()
+    assert "⚠ HQ 50 < 96" in report.contrast_text(modes.iloc[0])[0]
 
 
 # ---------------------------------------------------------------- specs
