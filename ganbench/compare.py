@@ -689,8 +689,8 @@ def min_p(n1: int, n2: int | None = None) -> float:
 
 
 def min_p_holm(n1: int, n2: int | None, tests: int) -> float:
-    """The smallest adjusted p of a family of ``tests`` such tests (Holm's, Bonferroni's
-    and BH's first step multiply by ``tests``): below ALPHA a consistent difference can be
+    """The smallest adjusted p of a family of ``tests`` such tests under Holm or Bonferroni
+    (whose first step multiplies by ``tests``): below ALPHA a consistent difference can be
     shown; at or above, it cannot."""
     return min(1.0, tests * min_p(n1, n2))
 
@@ -946,7 +946,10 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
             table.loc[members, "p_adj"] = adjust(table.loc[members, "p_value"].tolist(),
                                                  method)
             table.loc[members, "family_size"] = len(members)
-            scale = 1 if method == "none" else len(members)
+            # Holm and Bonferroni multiply the smallest p by the family's size; BH's q of
+            # the smallest p is m·p/k with k the tests at or below it, so when all reach the
+            # design's smallest p its q is that p.
+            scale = 1 if method in ("none", "bh") else len(members)
             table.loc[members, "min_p_adj"] = np.minimum(
                 1.0, scale * table.loc[members, "min_p"])
     pair_few = table["pair_few_hq"].astype("boolean").fillna(False).astype(bool)

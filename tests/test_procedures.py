@@ -193,6 +193,12 @@ def test_families_are_declared_and_adjusted_as_declared():
     assert exploratory["p_adj"].tolist() == pytest.approx(bh_by_hand(q))
     assert (confirmatory["family_size"] == 6).all() and (exploratory["family_size"] == 12).all()
     assert (tests["significant"] == (tests["p_adj"] < 0.05)).all()
+    # The smallest attainable adjusted p: Holm multiplies the design's smallest p by the
+    # family's size; BH reaches the smallest p itself when every test does.
+    floor = 2 / math.comb(10, 5)
+    assert confirmatory["min_p_adj"].tolist() == pytest.approx([6 * floor] * 6)
+    assert exploratory["min_p_adj"].tolist() == pytest.approx([floor] * 12)
+    assert compare.benjamini_hochberg([floor] * 12) == pytest.approx([floor] * 12)
     # Declared otherwise: Bonferroni for the confirmatory family, none for the rest.
     other = compare_stats(runs, "base", objective="w1", correction=("bonferroni", "none"))
     o = other[other["p_value"].notna()]
