@@ -695,9 +695,12 @@ def min_p_holm(n1: int, n2: int | None, tests: int) -> float:
     return min(1.0, tests * min_p(n1, n2))
 
 
-def units_needed(tests: int, paired: bool = False, alpha: float = ALPHA) -> int:
+def units_needed(tests: int, paired: bool = False, alpha: float = ALPHA,
+                 correction: str = "holm") -> int:
     """The fewest units per arm (seeds, or tuning replicates) for which a family of
-    ``tests`` exact tests can reach ``alpha``."""
+    ``tests`` exact tests adjusted by ``correction`` can reach ``alpha`` (BH and no
+    correction: when every test reaches the design's smallest p)."""
+    tests = 1 if correction in ("bh", "none") else tests
     n = 2
     while min_p_holm(n, None if paired else n, tests) >= alpha:
         n += 1
@@ -1020,7 +1023,8 @@ class Comparison:
             if f["floor"] >= ALPHA:
                 paired = (self.table["test"] == "signed-rank (matched)").all()
                 line = (f"warning: {line}, so no difference in it can reach p < {ALPHA:g}; use "
-                        f"at least {units_needed(f['size'], paired)} {self.unit}s per arm")
+                        f"at least {units_needed(f['size'], paired, ALPHA, f['correction'])} "
+                        f"{self.unit}s per arm")
             lines.append(line)
         return lines
 

@@ -82,6 +82,8 @@ def test_the_designs_power():
     assert min_p_holm(10, 10, 7) == pytest.approx(7 * 2 / 184756)
     assert units_needed(7) == 6 and units_needed(1) == 4
     assert units_needed(1, paired=True) == 6  # 2 / 2^6 < 0.05 ≤ 2 / 2^5
+    # BH reaches the design's smallest p when all its tests do: 4 units (2/70), any size.
+    assert units_needed(12, correction="bh") == 4 == units_needed(1)
     # The shipped comparison's replicates are enough for its confirmatory family.
     spec = load_compare("studies/tricks.yaml")
     r, tests = spec.tuning_replicates, len(spec.tests()) * len(spec.targets)
