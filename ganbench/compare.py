@@ -937,6 +937,10 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
     table = pd.DataFrame(rows)
     if table.empty:
         return pd.DataFrame(columns=STATS_COLUMNS)
+    for column in ("reference", "unit", "test", "units", "pair_hq_min", "pair_few_hq",
+                   "shift", "shift_low", "shift_high", "p_value", "min_p"):
+        if column not in table:  # no contrast was tested (e.g. a single arm)
+            table[column] = math.nan
     table["family"] = np.where(table["metric"] == objective, "confirmatory", "exploratory")
     table["correction"] = table["family"].map({"confirmatory": correction[0],
                                                "exploratory": correction[1]})

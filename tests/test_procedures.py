@@ -169,6 +169,13 @@ def test_replicates_are_the_unit_with_both_variance_components():
     assert (w1["sd_between"] > w1["sd_within"]).all()
 
 
+def test_a_single_arm_has_values_and_no_tests():
+    runs = replicate_runs(arms=("base",))
+    table = compare_stats(runs, "base")
+    assert len(table) == 2 * 3 and table["p_value"].isna().all()
+    assert not table["significant"].any() and (table["n"] == 15).all()
+
+
 def test_one_replicate_keeps_the_seed_as_the_unit():
     runs = replicate_runs(r=1, s=6)
     table = compare_stats(runs, "base")
