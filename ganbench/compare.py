@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -525,25 +525,41 @@ def _open_arm(spec: CompareSpec, target: TargetSpec, arm: str, storage: Any = No
         return study_spec, None
 
 
+def _selections(spec: CompareSpec, storage: Any = None) -> Iterator[tuple[
+        TargetSpec, int, str, StudySpec, Any, str | None, dict[str, Any] | None, str | None]]:
+    """(target, replicate, arm, study spec, study, status, selected parameters, held-out
+    key) of every arm as stored, sources before the matched arms that take their selection;
+    study, status, parameters and key None where the arm's study has not run."""
+    selected: dict[tuple[str, int, str], dict[str, Any] | None] = {}
+    for target, r, arm in sorted(units(spec), key=lambda u: bool(spec.arms[u[2]].source)):
+        study_spec, study = _open_arm(spec, target, arm, storage, r)
+        if study is None:
+            yield target, r, arm, study_spec, None, None, None, None
+            continue
+        source = spec.arms[arm].source
+        status, params, key = _arm_state(spec, study_spec, study, arm, selected.get(
+            (target.name, r, source)) if source else None)
+        selected[(target.name, r, arm)] = params
+        yield target, r, arm, study_spec, study, status, params, key
+
+
+def _unit_order(spec: CompareSpec) -> dict[tuple[str, int, str], int]:
+    """(target name, replicate, arm) → its place in :func:`units`."""
+    return {(t.name, r, arm): i for i, (t, r, arm) in enumerate(units(spec))}
+
+
 def stored_arms(spec: CompareSpec, storage: Any = None,
                 studies: list[Any] | None = None) -> list[ArmResult]:
     """Every arm's held-out results as stored, without training; GanbenchError naming the
     first arm whose held-out seeds are not all there. The arms' studies are appended to
     ``studies`` when given."""
     results = []
-    selected: dict[tuple[str, int, str], dict[str, Any] | None] = {}
-    # Sources first: a matched arm takes its source's selection.
-    for target, r, arm in sorted(units(spec), key=lambda u: bool(spec.arms[u[2]].source)):
+    for target, r, arm, _, study, status, params, key in _selections(spec, storage):
         seeds = heldout_seeds(spec, r)
         where = f"arm {arm!r} on {target.name}" + (f" (replicate {r})" if r else "")
-        study_spec, study = _open_arm(spec, target, arm, storage, r)
         if study is None:
             raise GanbenchError(f"comparison {spec.name!r}: {where} has not run; run "
                                 "`ganbench compare` first")
-        source = spec.arms[arm].source
-        status, params, key = _arm_state(spec, study_spec, study, arm, selected.get(
-            (target.name, r, source)) if source else None)
-        selected[(target.name, r, arm)] = params
         if params is None:
             results.append((study, _arm_result(target, arm, study, {}, {}, status, r)))
             continue
@@ -556,7 +572,7 @@ def stored_arms(spec: CompareSpec, storage: Any = None,
                                 "finish it")
         results.append((study, _arm_result(target, arm, study, params,
                                            {s: done[s] for s in seeds}, status, r)))
-    order = {(t.name, r, arm): i for i, (t, r, arm) in enumerate(units(spec))}
+    order = _unit_order(spec)
     results.sort(key=lambda sr: order[(sr[1].target, sr[1].replicate, sr[1].arm)])
     if studies is not None:
         studies += [study for study, _ in results]
@@ -625,7 +641,7 @@ def _law(weights2: np.ndarray, size: int | None) -> np.ndarray:
         counts[0] = 1.0
         for r in weights2:
             if r:
-                counts[r:] = counts[r:] + counts[:-r].copy()
+                counts[r:] = counts[r:] + counts[:-r]  # the sum is formed before it is written
             else:  # a zero weight: in or out gives the same sum
                 counts *= 2
         return counts / counts.sum()
@@ -934,13 +950,10 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
                 tested.setdefault(arm, []).append(row)
             for arm, b in block.items():  # in the arms' order, each with its contrasts
                 rows += tested.get(arm, [b])
-    table = pd.DataFrame(rows)
-    if table.empty:
+    if not rows:
         return pd.DataFrame(columns=STATS_COLUMNS)
-    for column in ("reference", "unit", "test", "units", "pair_hq_min", "pair_few_hq",
-                   "shift", "shift_low", "shift_high", "p_value", "min_p"):
-        if column not in table:  # no contrast was tested (e.g. a single arm)
-            table[column] = math.nan
+    # Every column, those of contrasts too where none was tested (e.g. a single arm).
+    table = pd.DataFrame(rows).reindex(columns=STATS_COLUMNS + ["min_p"])
     table["family"] = np.where(table["metric"] == objective, "confirmatory", "exploratory")
     table["correction"] = table["family"].map({"confirmatory": correction[0],
                                                "exploratory": correction[1]})
@@ -1258,24 +1271,19 @@ class ArmProgress:
 def progress(spec: CompareSpec) -> list[ArmProgress]:
     """Every arm's tuning and held-out progress, read from the storage (nothing created)."""
     out = []
-    selected: dict[tuple[str, int, str], dict[str, Any] | None] = {}
-    for target, r, arm in sorted(units(spec), key=lambda u: bool(spec.arms[u[2]].source)):
-        study_spec, study = _open_arm(spec, target, arm, replicate=r)
+    for target, r, arm, study_spec, study, status, params, key in _selections(spec):
         source = spec.arms[arm].source
         if study is None:
             tuning = (f"from {source}" if source else "fixed" if spec.mode == "fixed"
                       else _tuning_progress(spec, []))
             out.append(ArmProgress(target.name, arm, tuning, 0, spec.eval_seeds, r))
             continue
-        status, params, key = _arm_state(spec, study_spec, study, arm,
-                                         selected.get((target.name, r, source or "")))
-        selected[(target.name, r, arm)] = params
         trials = study.get_trials(deepcopy=False)
         tuning = status if not spec.tuned(arm) else _tuning_progress(spec, trials)
         if params is None and spec.tuned(arm) and tuning_done(study_spec, trials):
             tuning = status
         stored = set(_stored_seeds(study, key)) & set(heldout_seeds(spec, r)) if key else ()
         out.append(ArmProgress(target.name, arm, tuning, len(stored), spec.eval_seeds, r))
-    order = {(t.name, r, arm): i for i, (t, r, arm) in enumerate(units(spec))}
+    order = _unit_order(spec)
     return sorted(out, key=lambda p: order[(p.target, p.replicate, p.arm)])
 
