@@ -155,7 +155,9 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr",
               "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
               "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials",
               "get_n_trials", "get_best_trial", "record_heartbeat", "_get_trials",
-              "_get_stale_trial_ids"):
+              "_get_stale_trial_ids",
+              # what Optuna's trial cache calls on the storage behind it (ask, suggest, best)
+              "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
     setattr(ResilientRDBStorage, _name,
             (lambda name: lambda self, *a, **k: self._call(name, *a, **k))(_name))
 

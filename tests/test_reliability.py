@@ -357,6 +357,46 @@ def test_a_database_restart_mid_sweep_loses_nothing(tmp_path):
         assert "unreachable" in out and "reachable again after" in out
         study = optuna.load_study(study_name="restart", storage=storage)
         assert_complete_study(study, 6)
-        assert len(study.get_trials()) == 6  # each trial once: none lost, none repeated
+        trials = study.get_trials()  # each trial once: none lost, none repeated
+        assert len(trials) == 6, [(t.number, t.state, t.user_attrs) for t in trials]
+    finally:
+        server.stop()
+
+
+def test_an_outage_between_asking_and_suggesting_costs_no_trial():
+    """The server stops at the moment a trial is created and again at the moment its
+    parameter is stored (the calls Optuna's trial cache makes for ``ask`` and ``suggest``):
+    both wait the outage out, and the study holds exactly the one trial with its parameter,
+    none failed or repeated."""
+    import threading
+
+    from tests.services import Postgres
+
+    server = Postgres().start()
+    try:
+        storage = get_storage(StudySpec.model_validate(
+            {"name": "gap", "target": {"name": "ring"}, "storage": server.url}))
+        study = optuna.create_study(study_name="gap", storage=storage)
+        said: list[str] = []
+        storage.say = said.append
+
+        def outage_at(name):
+            call = getattr(storage, name)
+
+            def halted_first(*args, **kwargs):
+                server.halt()
+                threading.Timer(3.0, server.resume).start()
+                return call(*args, **kwargs)
+            setattr(storage, name, halted_first)
+
+        outage_at("_create_new_trial")
+        outage_at("_set_trial_param")
+        trial = study.ask()
+        value = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        study.tell(trial, 1.0)
+        trials = study.get_trials()
+        assert [(t.number, t.state, t.params) for t in trials] == \
+            [(0, TrialState.COMPLETE, {"lr": value})]
+        assert any("reachable again after" in line for line in said), said
     finally:
         server.stop()
