@@ -316,13 +316,18 @@ def worker_cmd(
 SAMPLE_FORMATS = (".csv", ".npy", ".png")
 
 
+# What one `sample` call may draw: 10 million samples, about 2 GB of activations.
+MAX_SAMPLES = 10**7
+MAX_SAMPLE_VALUES = 2.5e8
+
+
 @app.command("sample")
 def sample_cmd(
     source: str = typer.Argument(..., help="An MLflow run id, a study file (with --trial) or "
                                  "a generator checkpoint (.pt).", show_default=False),
     trial: Optional[int] = typer.Option(None, "--trial", help="Trial number of the study."),
-    n: int = typer.Option(1000, "--n", min=1, help="Samples to draw."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    n: int = typer.Option(1000, "--n", min=1, max=MAX_SAMPLES, help="Samples to draw."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the noise."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the samples: .csv, .npy, "
                                        "or .png (a scatter over the target)."),
     metrics: bool = typer.Option(False, "--metrics", help="Recompute the trial's final "
@@ -338,6 +343,8 @@ def sample_cmd(
     if out is not None:  # a bad destination fails before anything is loaded
         if out.suffix.lower() not in SAMPLE_FORMATS:
             raise GanbenchError(f"--out {out}: expected a {', '.join(SAMPLE_FORMATS)} file")
+        if out.is_dir():
+            raise GanbenchError(f"--out {out}: is a folder; expected a file name in it")
         parent = out.resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise GanbenchError(f"--out {out}: folder {parent} does not exist or is not "
@@ -349,6 +356,10 @@ def sample_cmd(
         from ganbench.train import load_checkpoint, rescore, sample_generator
 
         config, g, data = load_checkpoint(path)
+    width = max(config.noise_dim, *config.widths("g"))  # the widest layer's activations
+    if n * width > MAX_SAMPLE_VALUES:
+        raise GanbenchError(f"--n {n}: {n} samples through layers {width} wide exceed "
+                            f"{MAX_SAMPLE_VALUES:.1e} values in memory; draw fewer")
     label = f"trial {data['trial']} of {data['study']}" if "trial" in data else str(source)
     x = sample_generator(config, g, n, seed).numpy()
     console.print(f"{label}: {n} samples of {config.target} (seed {seed}), mean "

@@ -18,6 +18,14 @@ DTYPES = ("float32", "float64")
 G_NORMS = ("none", "batch")                          # generator normalisation
 UPDATES = ("alternating", "simultaneous")            # order of the D and G updates
 LR_SCHEDULES = ("constant", "linear", "cosine")      # decay of both learning rates
+# Upper bounds of the integer fields: far above any sensible run, low enough that a typo
+# is one line here instead of an allocation of terabytes or an overflow in torch.
+SIZE_LIMITS = {"noise_dim": 65536, "depth": 64, "pack": 64, "d_steps": 100,
+               "batch_size": 1 << 20, "steps": 10**9, "eval_every": 10**9,
+               "eval_samples": 10**6, "pieces": 64}
+MAX_WIDTH = 65536
+MAX_POOL = 10**8
+MAX_SEED = 2**63 - 1
 
 # Which TrainConfig fields live in which YAML section (one name per knob everywhere: the
 # study file, MLflow params ``train.lr_g`` / ``model.hidden``, report columns).
@@ -94,11 +102,17 @@ class TrainConfig:
         for name, choices in (("g_norm", G_NORMS), ("update", UPDATES),
                               ("lr_schedule", LR_SCHEDULES)):
             lookup({c: c for c in choices}, getattr(self, name), name)
-        for name in ("noise_dim", "depth", "pack", "d_steps", "batch_size", "steps",
-                     "eval_every", "eval_samples", "pieces"):
+        for name, high in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise GanbenchError(f"{name} must be a positive integer, got {value!r}", name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+                raise GanbenchError(f"{name} must be an integer in 1..{high}, got {value!r}",
+                                    name)
+        for name in ("seed", "eval_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 0 <= value <= MAX_SEED:
+                raise GanbenchError(f"{name} must be an integer in 0..2**63-1, got {value!r}",
+                                    name)
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -118,13 +132,14 @@ class TrainConfig:
             raise GanbenchError(f"warmup must be an integer in [0, steps), got "
                                 f"{self.warmup!r}", "warmup")
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(
-                self.pool, int) or self.pool < self.batch_size):
-            raise GanbenchError(f"pool must be an integer >= batch_size ({self.batch_size}), "
-                                f"got {self.pool!r}", "pool")
+                self.pool, int) or not self.batch_size <= self.pool <= MAX_POOL):
+            raise GanbenchError(f"pool must be an integer in batch_size ({self.batch_size})"
+                                f"..{MAX_POOL}, got {self.pool!r}", "pool")
         for which in ("g", "d"):
-            if any(w <= 0 for w in self.widths(which)):
-                raise GanbenchError(f"hidden widths must be positive, got {self.widths(which)}",
-                                    "hidden")
+            if any(isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_WIDTH
+                   for w in self.widths(which)):
+                raise GanbenchError(f"hidden widths must be integers in 1..{MAX_WIDTH}, got "
+                                    f"{self.widths(which)}", "hidden")
         if self.batch_size % self.pack:
             raise GanbenchError(f"batch_size ({self.batch_size}) must be divisible by pack "
                                 f"({self.pack})", "pack")

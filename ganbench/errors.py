@@ -26,6 +26,15 @@ def redact(text: str) -> str:
     return _URL.sub(one, text)
 
 
+MAX_MESSAGE = 600
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` with line breaks shown as ``\\n`` and cut to ``limit`` characters."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class GanbenchError(Exception):
     """A user-facing error: bad input, a missing file, an unreachable service.
 
@@ -33,7 +42,8 @@ class GanbenchError(Exception):
     """
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(redact(message))  # errors are printed: no URL leaves with a password
+        # Printed as one line: no URL leaves with a password, no echoed value runs on.
+        super().__init__(one_line(redact(message)))
         self.field = field
 
 
@@ -43,7 +53,7 @@ class SpecError(GanbenchError):
     def __init__(self, path: str, field: str, message: str) -> None:
         where = f"{path}: {field}" if field else path
         super().__init__(f"{where}: {message}", field)
-        self.path, self.message = path, redact(message)
+        self.path, self.message = path, one_line(redact(message))
 
 
 class NoStudy(GanbenchError):

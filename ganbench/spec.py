@@ -39,6 +39,19 @@ PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "percentile": "Percent
            "patient": "PatientPruner"}
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # study, arm: names of files and runs
+MAX_NAME = 64  # a study's folders join its name, target and arm: far below 255 bytes
+NAME_RULE = f"letters, digits and _ . - (starting with a letter or digit), at most {MAX_NAME}"
+
+
+def check_name(value: Any) -> Any:
+    """Before pydantic: a study or arm name given as a YAML number says to quote it."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(f"expected a name ({NAME_RULE}); YAML read {value!r} as a number: "
+                         f"quote it, e.g. name: \"{value}\"")
+    if isinstance(value, str) and not (NAME.fullmatch(value) and len(value) <= MAX_NAME):
+        raise ValueError(f"expected a name of {NAME_RULE}; got {_short(value)!r}")
+    return value
+
 STORAGE_URL = re.compile(r"^(sqlite:///\S+|postgresql(\+psycopg)?://\S*@?[\w.\-\[\]:]+(:\d+)?/\w\S*)$")
 
 _STRICT = ConfigDict(extra="forbid")
@@ -256,7 +269,7 @@ class StudySpec(BaseModel):
     """A whole study; see studies/*.yaml for annotated examples."""
 
     model_config = _STRICT
-    name: str = Field(pattern=NAME.pattern)
+    name: str
     target: TargetSpec
     train: TrainSection = Field(default_factory=TrainSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -274,6 +287,8 @@ class StudySpec(BaseModel):
     workers: int | None = Field(None, gt=0)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
+
+    _name = field_validator("name", mode="before")(check_name)
 
     def fixed(self) -> dict[str, Any]:
         """The fixed trainer fields: target, train and model sections."""
@@ -339,27 +354,130 @@ def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
                 raise SpecError(path, key, f"cannot set inside {part!r}: it is not a mapping")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value else None
-        except yaml.YAMLError:
+            node[parts[-1]] = parse_yaml(value, f"--set {_short(key)}") if value else None
+        except SpecError:
             node[parts[-1]] = value
     return raw
+
+
+# A study file is a page of YAML: anything much larger is not one, and YAML's aliases can
+# make a small file expand without bound, so both sizes are capped before anything is built.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000
+MAX_STRING = 1000
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (YAML says keys
+    are unique; PyYAML would keep the last silently). Merge keys (``<<``) may still be
+    overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or \
+                    key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_short(key_node.value)!r} given twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for an error message."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """How many values ``node`` holds once every alias is expanded (capped just above
+    MAX_SPEC_NODES): aliases share nodes, so sizes are memoised per node."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if depth > 100:
+            return MAX_SPEC_NODES + 1
+        sizes[id(n)] = MAX_SPEC_NODES + 1  # a node that contains itself is too large
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        for child in children:
+            total = min(total + size(child, depth + 1), MAX_SPEC_NODES + 1)
+        sizes[id(n)] = total
+        return total
+
+    return size(node, 0)
+
+
+def parse_yaml(text: str, p: str) -> Any:
+    """The YAML document in ``text`` (from file ``p``), bounded in size and alias expansion,
+    duplicate keys refused; every failure is a SpecError."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(p, "", f"{len(text)} characters; a study file is at most "
+                        f"{MAX_SPEC_BYTES} (is this the right file?)")
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node) > MAX_SPEC_NODES:
+                raise SpecError(p, "", f"its aliases expand to more than {MAX_SPEC_NODES} "
+                                "values; a study file needs far fewer")
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(p, "", f"invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise SpecError(p, "", "invalid YAML: nested too deeply") from None
+
+
+def check_values(raw: Any, p: str, where: tuple = ()) -> None:
+    """Every number in a study mapping is finite and of a sane size, every string (and key)
+    at most MAX_STRING characters; SpecError names the first field that is not."""
+    field = ".".join(str(k) for k in where)
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if isinstance(key, str) and len(key) > MAX_STRING:
+                raise SpecError(p, field, f"a key of {len(key)} characters; at most "
+                                f"{MAX_STRING}")
+            check_values(value, p, (*where, key))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            check_values(value, p, (*where, i))
+    elif isinstance(raw, bool):
+        return
+    elif isinstance(raw, float) and not math.isfinite(raw):
+        raise SpecError(p, field, f"expected a finite number, got {raw}")
+    elif isinstance(raw, (int, float)) and abs(raw) > 2**63:
+        raise SpecError(p, field, f"expected a number below 2**63 in size, got "
+                        f"{_short(str(raw), 30)}")
+    elif isinstance(raw, str) and len(raw) > MAX_STRING:
+        raise SpecError(p, field, f"a value of {len(raw)} characters; at most {MAX_STRING}")
 
 
 def read_yaml(path: str | Path) -> dict:
     """The YAML mapping in ``path``; SpecError for a missing, unreadable or invalid file."""
     p = str(path)
     try:
+        if Path(path).stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(p, "", f"{Path(path).stat().st_size} bytes; a study file is at "
+                            f"most {MAX_SPEC_BYTES} (is this the right file?)")
         text = Path(path).read_text()
     except FileNotFoundError:
         raise SpecError(p, "", "file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(p, "", f"cannot read file ({exc.__class__.__name__})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(p, "", f"invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    raw = parse_yaml(text, p)
     if raw is None:
         raise SpecError(p, "", "empty file; expected a study mapping with name, target, ...")
     if not isinstance(raw, dict):
@@ -371,6 +489,7 @@ def validate_spec(raw: dict, path: str = "<spec>") -> StudySpec:
     """Validate a raw mapping into a StudySpec; every failure is a SpecError."""
     if not isinstance(raw, dict):
         raise SpecError(path, "", "expected a mapping at the top level")
+    check_values(raw, path)
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as exc:
@@ -411,7 +530,8 @@ def _check_semantics(spec: StudySpec, path: str) -> None:
     try:
         target = get_target(spec.target.name, **spec.target.params())
     except GanbenchError as exc:
-        raise SpecError(path, "target", str(exc)) from None
+        field = exc.field if (exc.field or "").startswith("target.") else "target"
+        raise SpecError(path, field, str(exc)) from None
     for key in spec.search:
         if key.startswith("tricks."):
             _check_trick_key(key, path)
@@ -520,7 +640,7 @@ class CompareSpec(BaseModel):
     """A budget-fair comparison of arms (loss + tricks + fixed values) over held-out seeds."""
 
     model_config = _STRICT
-    name: str = Field(pattern=NAME.pattern)
+    name: str
     targets: list[TargetSpec] = Field(min_length=1)
     train: TrainSection = Field(default_factory=TrainSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -631,6 +751,8 @@ class CompareSpec(BaseModel):
             return None
         return int((self.sampler.model_extra or {}).get("n_startup_trials", default))
 
+    _name = field_validator("name", mode="before")(check_name)
+
     @field_validator("budget", mode="before")
     @classmethod
     def _trials(cls, value: Any) -> Any:
@@ -650,18 +772,22 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
         raise SpecError(p, "", "this is a study (it has no arms); run it with "
                         f"`ganbench sweep {path}`")
     raw = apply_overrides(raw, overrides or [], p)
+    check_values(raw, p)
     try:
         spec = CompareSpec.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise SpecError(p, _dotted(err["loc"]), _pydantic_message(err)) from None
     for arm in spec.arms:  # arm names become study, run and file names
-        if not NAME.match(arm):
-            raise SpecError(p, f"arms.{arm}", "an arm name is letters, digits and _ . - "
-                            "(starting with a letter or digit)")
-    for target in spec.targets:
-        if not NAME.match(target.name):
-            raise SpecError(p, "targets", f"bad target name {target.name!r}")
+        if not (NAME.fullmatch(arm) and len(arm) <= MAX_NAME):
+            raise SpecError(p, f"arms.{_short(arm)!r}", f"an arm name is {NAME_RULE}")
+    names = [target.name for target in spec.targets]
+    for i, name in enumerate(names):
+        if not (NAME.fullmatch(name) and len(name) <= MAX_NAME):
+            raise SpecError(p, f"targets.{i}.name", f"bad target name {_short(name)!r}")
+        if name in names[:i]:
+            raise SpecError(p, f"targets.{i}", f"target {name!r} is listed twice (each "
+                            "target is one study per arm: list it once)")
     if spec.baseline not in spec.arms:
         raise SpecError(p, "baseline", f"no arm named {spec.baseline!r}; arms: "
                         f"{', '.join(spec.arms)}")

@@ -71,9 +71,18 @@ def training_data(target: Target, pool: int | None, seed: int) -> Target | Pool:
     return target if pool is None else Pool(target, pool, seed)
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise GanbenchError(f"target parameter {name} must be > 0, got {value}")
+# Bounds that keep a target's tensors small (modes × dim floats) and its numbers finite.
+MAX_MODES = 10_000
+MAX_SCALE = 1e6
+
+
+def _positive(name: str, value: float, high: float = MAX_SCALE, integer: bool = False) -> None:
+    """``value`` must be in (0, high] (and an integer if asked); else one GanbenchError."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or not 0 < value <= high:
+        raise GanbenchError(f"target parameter {name} must be {kind} in (0, {high:g}], "
+                            f"got {value!r}", f"target.{name}")
 
 
 class Ring(Target):
@@ -82,7 +91,7 @@ class Ring(Target):
     name = "ring"
 
     def __init__(self, modes: int = 8, radius: float = 1.0, std: float = 0.01) -> None:
-        _positive("modes", modes)
+        _positive("modes", modes, MAX_MODES, integer=True)
         _positive("radius", radius)
         _positive("std", std)
         # 2πk/K, not linspace(0, 2π, K): the latter repeats the first mode at 2π.
@@ -100,7 +109,7 @@ class Grid(Target):
     name = "grid"
 
     def __init__(self, n: int = 5, spacing: float = 2.0, std: float = 0.05) -> None:
-        _positive("n", n)
+        _positive("n", n, int(math.isqrt(MAX_MODES)), integer=True)
         _positive("spacing", spacing)
         _positive("std", std)
         axis = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * spacing
@@ -157,11 +166,14 @@ class MixtureOfGaussians(Target):
         self, dim: int = 2, modes: int = 10, std: float = 0.05, spread: float = 1.0,
         center_seed: int = 0,
     ) -> None:
-        if not 1 <= dim <= 1000:
-            raise GanbenchError(f"target parameter dim must be in 1..1000, got {dim}")
-        _positive("modes", modes)
+        _positive("dim", dim, 1000, integer=True)
+        _positive("modes", modes, MAX_MODES, integer=True)
         _positive("std", std)
         _positive("spread", spread)
+        if isinstance(center_seed, bool) or not isinstance(center_seed, int) \
+                or not 0 <= center_seed < 2**63:
+            raise GanbenchError(f"target parameter center_seed must be an integer in "
+                                f"[0, 2**63), got {center_seed!r}", "target.center_seed")
         g = torch.Generator().manual_seed(center_seed)
         self.centers = (torch.rand(modes, dim, generator=g) * 2 - 1) * spread
         self.weights = torch.full((modes,), 1.0 / modes)
@@ -184,6 +196,8 @@ def get_target(name: str, **params: Any) -> Target:
     cls = lookup(TARGETS, name, "target")
     try:
         return cls(**params)
+    except (ValueError, OverflowError) as exc:
+        raise GanbenchError(f"bad parameters for target {name!r}: {exc}") from None
     except TypeError as exc:
         import inspect
 

@@ -21,10 +21,10 @@ def test_train_writes_metrics_and_scatter(tmp_path):
     (["--target", "moon"], "unknown target 'moon'; choose one of: grid, mog, ring"),
     (["--loss", "bce"], "unknown loss 'bce'; choose one of: hinge, lsgan, minimax"),
     (["--activation", "swish"], "unknown activation 'swish'"),
-    (["--steps", "0"], "steps must be a positive integer"),
+    (["--steps", "0"], "steps must be an integer in 1..1000000000"),
     (["--lr-g", "-1"], "lr_g must be a positive number"),
     (["--hidden", "wide"], "--hidden: expected an int"),
-    (["-p", "modes=-3"], "modes must be > 0"),
+    (["-p", "modes=-3"], "modes must be an integer in "),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle):
     proc = ganbench("train", *args, "--out", str(tmp_path / "x"), cwd=tmp_path)

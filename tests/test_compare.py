@@ -421,7 +421,7 @@ def test_infinite_values_are_counted_and_shown_with_the_median():
 
 @pytest.mark.parametrize("change,needle", [
     ({"arms": {"wgan gp": {"loss": "wasserstein"}, "plain": {}}},
-     "arms.wgan gp: an arm name is letters, digits"),
+     "arms.'wgan gp': an arm name is letters, digits"),
     ({"baseline": "nope"}, "baseline: no arm named 'nope'"),
     ({"arms": {"plain": {"lr_q": 1}}}, "arms.plain.lr_q"),
     ({"eval_seeds": 1}, "eval_seeds"),

@@ -5,7 +5,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ganbench.errors import SpecError
+from ganbench.errors import MAX_MESSAGE, SpecError
 from ganbench.spec import load_compare, load_spec, validate_spec
 from ganbench.study import check_spec
 
@@ -78,17 +78,17 @@ def test_valid_spec_and_overrides(tmp_path):
     (with_("search.steps_per_day", {"type": "int", "low": 1, "high": 2}), None,
      "search.steps_per_day", "not a searchable field"),
     (with_("trials", 0), None, "trials", "greater than 0"),
-    (with_("train.batch_size", 0), None, "train.batch_size", "positive integer"),
+    (with_("train.batch_size", 0), None, "train.batch_size", "an integer in 1.."),
     (with_("train.lr_g", 0.1), None, "search.lr_g", "not both"),
     (with_("sampler.name", "grid"), None, "search.lr_g", "grid sampler needs categorical"),
     (with_("storage", "mysql://x"), None, "storage", "expected sqlite:///PATH or postgresql"),
     (with_("objectives", [{"metric": "fid"}]), None, "objectives.0.metric",
      "unknown metric 'fid'; choose one of: w1, sliced_w1"),
     (with_("search.d_steps", {"type": "int", "low": 0, "high": 3}), None, "search.d_steps",
-     "d_steps must be a positive integer"),
+     "d_steps must be an integer in 1..100"),
     (with_("sampler.n_startup", 3), None, "sampler", "bad options for sampler 'tpe'"),
     (with_("target.pool", 0), None, "target.pool", "greater than 0"),
-    (with_("target.pool", 10), None, "target.pool", "pool must be an integer >= batch_size"),
+    (with_("target.pool", 10), None, "target.pool", "pool must be an integer in batch_size"),
     (with_("model.g_norm", "layer"), None, "model.g_norm", "unknown g_norm 'layer'"),
     (with_("train.update", "both"), None, "train.update", "unknown update 'both'"),
     (with_("search.lr_schedule", {"type": "categorical", "choices": ["constant", "step"]}),
@@ -122,8 +122,9 @@ def test_mode_metric_needs_a_target_with_modes(tmp_path):
         load(tmp_path, data)
 
 
-yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6),
-                         st.floats(allow_nan=True), st.text(max_size=8))
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.integers(),
+                         st.floats(allow_nan=True), st.text(max_size=8),
+                         st.text(max_size=3000), st.sampled_from(["1e400", "-.inf", "a\n"]))
 yaml_docs = st.recursive(
     yaml_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                           st.dictionaries(st.text(max_size=8), inner,
@@ -150,6 +151,7 @@ def test_any_document_is_a_spec_or_a_spec_error(doc):
         check_spec(spec, "fuzz.yaml")
     except SpecError as exc:
         assert str(exc).startswith("fuzz.yaml") and "\n" not in str(exc)
+        assert len(str(exc)) <= MAX_MESSAGE
 
 
 COMPARES = [d for d in shipped if isinstance(d, dict) and "arms" in d]
@@ -172,3 +174,132 @@ def test_any_document_is_a_comparison_or_one_spec_error(doc):
             load_compare(path)
         except SpecError as exc:
             assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+            assert len(str(exc)) <= MAX_MESSAGE
+
+
+OVERRIDE_KEYS = ["name", "trials", "target.modes", "target.radius", "target.std",
+                 "train.steps", "train.eval_samples", "model.depth", "model.hidden",
+                 "seeds", "sampler.seed", "train.lr_g", "search.lr_g.high", "timeout"]
+override_values = st.one_of(
+    st.integers().map(str), st.floats().map(repr), st.text(max_size=300),
+    st.sampled_from([".inf", "-.nan", "1e400", "[1, 2]", "{a: 1}", "&a [*a]", "'x\ny'"]))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(OVERRIDE_KEYS), value=override_values)
+def test_any_override_is_a_spec_or_one_spec_error(tmp_path_factory, key, value):
+    """``--set KEY=VALUE`` with any value: a valid study, or one SpecError line of bounded
+    length that names the file."""
+    folder = tmp_path_factory.mktemp("set")
+    try:
+        load(folder, BASE, overrides=[f"{key}={value}"])
+    except SpecError as exc:
+        assert str(exc).startswith(str(folder / "s.yaml")) and "\n" not in str(exc)
+        assert len(str(exc)) <= MAX_MESSAGE
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    text = yaml.safe_dump(BASE) + "trials: 5\n"
+    with pytest.raises(SpecError, match=r"line \d+: key 'trials' given twice"):
+        load(tmp_path, text=text)
+    nested = "name: t\ntarget: {name: ring, modes: 4, modes: 8}\n"
+    with pytest.raises(SpecError, match="key 'modes' given twice"):
+        load(tmp_path, text=nested)
+    # A merge key's values may be overridden: that is what merging is for.
+    merged = "name: t\ntarget: {<<: {name: ring, modes: 4}, modes: 8}\ntrials: 2\n"
+    assert load(tmp_path, text=merged).target.params() == {"modes": 8}
+
+
+@pytest.mark.parametrize("where", ["name", "train.steps", "search.lr_g.choices",
+                                   "target.extra"])
+def test_alias_expansion_is_bounded_wherever_it_lands(tmp_path, where):
+    """A 'billion laughs' document is refused before anything walks its expansion."""
+    lines = ['x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]" for i in range(1, 9)]
+    doc = yaml.safe_dump(BASE)
+    head, _, leaf = where.rpartition(".")
+    if not head:
+        doc = "\n".join(lines) + "\n" + doc.replace("name: t\n", "name: *x8\n", 1)
+    else:
+        doc = "\n".join(lines) + "\n" + doc + f"{where.split('.')[0]}_bomb: *x8\n"
+    with pytest.raises(SpecError, match="aliases expand to more than"):
+        load(tmp_path, text=doc)
+
+
+def test_a_self_referencing_alias_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="aliases expand"):
+        load(tmp_path, text="name: &a [*a]\n")
+
+
+def test_a_file_larger_than_a_study_is_refused_before_reading(tmp_path):
+    from ganbench.spec import MAX_SPEC_BYTES
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "#" * MAX_SPEC_BYTES + "\n")
+    with pytest.raises(SpecError, match="a study file is at most"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("target.modes", float("inf"), "target.modes: expected a finite number"),
+    ("target.modes", 10**20, "target.modes: expected a number below 2**63"),
+    ("target.modes", 10**9, "target.modes: target parameter modes must be an integer in"),
+    ("target.radius", float("inf"), "target.radius: expected a finite number"),
+    ("target.std", float("nan"), "target.std: expected a finite number"),
+    ("model.depth", 10**20, "model.depth: expected a number below 2**63"),
+    ("model.depth", 10**6, "model.depth: depth must be an integer in 1..64"),
+    ("model.hidden", 10**9, "model.hidden: hidden widths must be integers in 1..65536"),
+    ("train.eval_samples", 10**10, "eval_samples must be an integer in 1..1000000"),
+    ("train.steps", 10**12, "steps must be an integer in 1..1000000000"),
+    ("train.eval_seed", -1, "eval_seed must be an integer in 0..2**63-1"),
+    ("timeout", float("inf"), "timeout: expected a finite number"),
+])
+def test_numbers_are_finite_and_sized_for_the_trainer(tmp_path, field, value, needle):
+    with pytest.raises(SpecError) as info:
+        load(tmp_path, with_(field, value))
+    assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name, needle", [
+    (123, 'YAML read 123 as a number: quote it, e.g. name: "123"'),
+    ("a" * 65, "at most 64"),
+    ("run\n", "expected a name"),
+    ("../x", "expected a name"),
+])
+def test_a_bad_study_name_says_what_a_name_is(tmp_path, name, needle):
+    with pytest.raises(SpecError) as info:
+        load(tmp_path, with_("name", name))
+    assert "name: " in str(info.value) and needle in str(info.value)
+    assert len(str(info.value)) <= MAX_MESSAGE
+
+
+COMPARE = {"name": "c", "targets": [{"name": "ring"}],
+           "train": {"steps": 20, "eval_every": 10, "eval_samples": 200, "batch_size": 64},
+           "arms": {"a": {}, "b": {"lr_g": 0.002}}, "baseline": "a", "mode": "fixed"}
+
+
+@pytest.mark.parametrize("change, field, needle", [
+    ({"targets": [{"name": "ring"}, {"name": "ring", "modes": 4}]}, "targets.1",
+     "listed twice"),
+    ({"arms": {"a": {}, "b\n": {}}}, "arms.", "an arm name is"),
+    ({"arms": {"a": {}, "b" * 65: {}}}, "arms.", "at most 64"),
+    ({"name": 7}, "name", "quote it"),
+])
+def test_comparison_names_and_targets_are_refused_in_one_line(tmp_path, change, field,
+                                                               needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(COMPARE | change))
+    with pytest.raises(SpecError) as info:
+        load_compare(path)
+    assert f"c.yaml: {field}" in str(info.value) and needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_an_arm_given_twice_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(COMPARE) + "arms: {a: {}}\n")
+    with pytest.raises(SpecError, match="key 'arms' given twice"):
+        load_compare(path)
+    path.write_text(yaml.safe_dump(COMPARE).replace("  b:", "  a: {}\n  b:"))
+    with pytest.raises(SpecError, match="key 'a' given twice"):
+        load_compare(path)
