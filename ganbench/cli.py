@@ -468,6 +468,13 @@ def status_cmd(
     trials = study.get_trials(deepcopy=False)
     done, _ = count_trials(trials)
     console.print(f"storage: {storage_label(spec)}")
+    if spec.storage is None:
+        from rich.markup import escape
+
+        from ganbench.study import journal_notes, journal_path
+
+        for note in journal_notes(journal_path(spec)):
+            console.print(f"[yellow]{escape(note)}[/]")
     table = Table(title=f"study {spec.name}: {done}/{spec.trials} counted trials")
     table.add_column("state")
     table.add_column("trials", justify="right")
@@ -477,6 +484,41 @@ def status_cmd(
             table.add_row(state, str(n))
     console.print(table)
     _leaderboard(spec, study, write=False)
+
+
+@app.command("repair")
+def repair_cmd(
+    spec_path: Path = SpecArg, sets: list[str] = SetOpt,
+) -> None:
+    """Repair the journal of a study (or of every study of a comparison) that a crash or a
+    full disk damaged: keep its records before the first damaged one and set the rest
+    aside; the original file is kept beside it. Finished trials set aside run again."""
+    from ganbench.spec import CompareSpec, load_any
+    from ganbench.study import journal_path, repair_journal
+
+    spec = load_any(spec_path, _overrides(sets))
+    if spec.storage is not None:
+        raise GanbenchError(f"{spec_path}: storage {spec.storage.split(':', 1)[0]}: a database "
+                            "keeps its own records whole; repair mends journal files only")
+    studies = [spec] if not isinstance(spec, CompareSpec) else [
+        spec.arm_study(t, a, r) for t in spec.targets for a in spec.arms
+        for r in spec.replicates]
+    found = 0
+    for study in studies:
+        path = journal_path(study)
+        if not path.exists():
+            continue
+        found += 1
+        done = repair_journal(path)
+        if done.original is None:
+            console.print(f"{path}: {done.kept} records, none damaged")
+            continue
+        console.print(f"{path}: kept {done.kept} records, set aside {done.dropped} from the "
+                      f"first damaged one ({done.finished_dropped} finished trials among them "
+                      f"will run again); the original is kept in {done.original.name}",
+                      soft_wrap=True)
+    if not found:
+        raise GanbenchError(f"{spec_path}: no journal found under runs/ (nothing to repair)")
 
 
 def _compare_status(spec) -> None:

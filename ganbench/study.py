@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -173,6 +176,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
             raise NoStudy(f"no study found: {path} does not exist (run `ganbench sweep` "
                           "first)")
         path.parent.mkdir(parents=True, exist_ok=True)
+        check_journal(path, set_aside=create)
         # An absolute path: Optuna's lock is a symlink to the journal, and a relative target
         # dangles from inside runs/<name>/, so a lock left by a killed worker was never seen
         # as stale (its grace period reads the target's mtime) and the next run spun forever.
@@ -201,6 +205,133 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
             raise GanbenchError(f"storage {redact(url)}: cannot connect: {first}") from None
     raise GanbenchError(f"storage {redact(url)}: cannot create its tables (another process "
                         "keeps creating them)")
+
+
+# ---------------------------------------------------------------- a damaged journal
+def _journal_lock(path: Path) -> Any:
+    """Optuna's own lock of the journal at ``path`` (its writers append under it)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    return JournalFileSymlinkLock(str(path.resolve()))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock = _journal_lock(path)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _first_bad_record(data: bytes) -> int | None:
+    """The 0-based index of the first record (line) of ``data`` that is not a JSON object."""
+    import json
+
+    for i, line in enumerate(data.splitlines()):
+        try:
+            if not isinstance(json.loads(line), dict):
+                return i
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            return i
+    return None
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
+
+
+def check_journal(path: Path, set_aside: bool = True,
+                  say: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+    """Read the journal at ``path`` record by record, under Optuna's lock.
+
+    A last record cut off by a crash or a full disk (no line end) would be silently skipped
+    by Optuna and then glued to the next record written, garbling the file: it is moved to
+    ``<journal>.cut-<time>`` and the journal truncated to its whole records (with
+    ``set_aside``; a read-only command only says so). A damaged record elsewhere stops with
+    one line naming the file and record, and how to repair it (``ganbench repair``).
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with _locked(path):
+        data = path.read_bytes()
+        whole = data.rfind(b"\n") + 1
+        bad = _first_bad_record(data[:whole])
+        records = data[:whole].count(b"\n")
+        if bad is not None:
+            raise GanbenchError(
+                f"{path}: record {bad + 1} of {records} is damaged (not a JSON record); "
+                "`ganbench repair` keeps the records before it and sets the rest aside")
+        if whole == len(data):
+            return
+        if not set_aside:
+            say(f"{path}: its last record is cut off ({len(data) - whole} bytes, a crash or "
+                f"a full disk mid-write); read its {records} whole records (the next sweep "
+                "sets the cut bytes aside)")
+            return
+        aside = path.with_name(f"{path.name}.cut-{_stamp()}")
+        aside.write_bytes(data[whole:])
+        os.truncate(path, whole)
+    say(f"{path}: its last record was cut off (a crash or a full disk mid-write): kept its "
+        f"{records} whole records, moved the {len(data) - whole} cut bytes to {aside.name}")
+
+
+@dataclasses.dataclass
+class Repair:
+    """What ``repair_journal`` did: records kept, records set aside (and the finished
+    trials among them, which will run again), and where the original file went."""
+    kept: int
+    dropped: int
+    finished_dropped: int
+    original: Path | None
+
+
+def repair_journal(path: Path) -> Repair:
+    """Keep the records of the journal at ``path`` before its first damaged one (a cut last
+    record included): the whole original goes to ``<journal>.damaged-<time>``, and the
+    journal is replaced atomically by the records before the damage. Optuna replays a
+    journal in order, so the records after a damaged one cannot be trusted and are set
+    aside with it."""
+    import json
+
+    if not path.exists():
+        raise NoStudy(f"no journal at {path}")
+    with _locked(path):
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        whole = lines[:-1]  # the last element is what follows the last line end
+        bad = _first_bad_record(b"\n".join(whole) + b"\n" if whole else b"")
+        keep = len(whole) if bad is None else bad
+        dropped = len(whole) - keep + (1 if lines[-1] else 0)
+        if dropped == 0:
+            return Repair(keep, 0, 0, None)
+        finished = 0
+        for line in whole[keep:]:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                record = json.loads(line)
+                # Optuna's journal op 6 sets a trial's state; states 1-3 finish it.
+                finished += record.get("op_code") == 6 and record.get("state") in (1, 2, 3)
+        original = path.with_name(f"{path.name}.damaged-{_stamp()}")
+        shutil.copyfile(path, original)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(b"".join(line + b"\n" for line in whole[:keep]))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Repair(keep, dropped, finished, original)
+
+
+def journal_notes(path: Path) -> list[str]:
+    """Lines for ``status``: bytes or records of this journal that were set aside."""
+    notes = []
+    for aside in sorted(path.parent.glob(f"{path.name}.cut-*")):
+        notes.append(f"{aside.stat().st_size} bytes of a cut last record set aside in "
+                     f"{aside}")
+    for aside in sorted(path.parent.glob(f"{path.name}.damaged-*")):
+        notes.append(f"repaired: the damaged original is kept in {aside}")
+    return notes
 
 
 def stored_storage(spec: Any) -> optuna.storages.BaseStorage | None:

@@ -400,3 +400,71 @@ def test_an_outage_between_asking_and_suggesting_costs_no_trial():
         assert any("reachable again after" in line for line in said), said
     finally:
         server.stop()
+
+
+def _journal(folder, name):
+    return folder / "runs" / name / "optuna.log"
+
+
+def test_a_cut_last_record_is_set_aside_and_the_study_goes_on(tmp_path):
+    """A crash mid-write leaves the journal's last record cut: status reads the whole
+    records and says so (writing nothing); the next sweep moves the cut bytes aside in one
+    line and ends with exactly the requested count; no later record is glued to it."""
+    from tests.conftest import ganbench
+
+    spec = write_spec(tmp_path, name="cut", trials=2)
+    assert ganbench("sweep", str(spec), cwd=tmp_path).returncode == 0
+    path = _journal(tmp_path, "cut")
+    data = path.read_bytes()
+    path.write_bytes(data[:-15])  # the last record loses its end
+    status = ganbench("status", str(spec), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "its last record is cut off" in status.stdout
+    assert path.read_bytes() == data[:-15]  # status writes nothing
+    more = write_spec(tmp_path, name="cut", trials=3)
+    rerun = ganbench("sweep", str(more), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "last record was cut off" in rerun.stdout and "Traceback" not in rerun.stderr
+    aside = list(path.parent.glob("optuna.log.cut-*"))
+    assert len(aside) == 1
+    cut = data[:-15][data[:-15].rfind(b"\n") + 1:]
+    assert aside[0].read_bytes() == cut
+    assert_complete_study(journal_study(tmp_path, "cut"), 3)
+    again = ganbench("status", str(more), cwd=tmp_path)
+    assert again.returncode == 0 and "set aside" in again.stdout
+
+
+def test_a_damaged_record_stops_in_one_line_until_repaired(tmp_path):
+    """A garbled record inside the journal: status, sweep and report end in one line naming
+    the file and record (exit 2, nothing written); `ganbench repair` keeps the records before
+    it, keeps the original beside it, and the next sweep reruns what was set aside to
+    exactly the requested count."""
+    from tests.conftest import ganbench
+
+    spec = write_spec(tmp_path, name="garbled", trials=3)
+    assert ganbench("sweep", str(spec), cwd=tmp_path).returncode == 0
+    path = _journal(tmp_path, "garbled")
+    lines = path.read_bytes().split(b"\n")
+    at = len(lines) // 2
+    lines[at] = lines[at][:12] + b"\x00\xff" + lines[at][30:]
+    damaged = b"\n".join(lines)
+    path.write_bytes(damaged)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for command in ("status", "sweep", "report"):
+        out = ganbench(command, str(spec), cwd=tmp_path)
+        assert out.returncode == 2, (command, out.stderr)
+        assert out.stderr.strip().count("\n") == 0, out.stderr
+        assert f"record {at + 1} of" in out.stderr and "optuna.log" in out.stderr
+        assert "ganbench repair" in out.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    repaired = ganbench("repair", str(spec), cwd=tmp_path)
+    assert repaired.returncode == 0, repaired.stderr
+    assert f"kept {at} records" in repaired.stdout
+    original = list(path.parent.glob("optuna.log.damaged-*"))
+    assert len(original) == 1 and original[0].read_bytes() == damaged
+    assert path.read_bytes() == b"".join(line + b"\n" for line in lines[:at])
+    rerun = ganbench("sweep", str(spec), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_study(journal_study(tmp_path, "garbled"), 3)
+    clean = ganbench("repair", str(spec), cwd=tmp_path)
+    assert clean.returncode == 0 and "none damaged" in clean.stdout
