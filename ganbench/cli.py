@@ -257,8 +257,10 @@ def sweep_cmd(
     """
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
                  workers=workers, population=population, compile=compile)
+    from ganbench.files import check_writable_folder
     from ganbench.workers import plan_sweep, run_sweep
 
+    check_writable_folder(Path("reports") / spec.name)  # before trials, not after
     plan = plan_sweep(spec, _devices(devices))
     how = (f"populations of {spec.execution.size} member(s)"
            if spec.execution.mode == "population" else "one trial at a time")
@@ -427,26 +429,27 @@ def _write_samples(out: Path, x, config) -> None:
     """Samples ``x`` (a numpy array) to .csv / .npy / .png, whole or not at all."""
     import numpy as np
 
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    from ganbench.files import atomic
+
     suffix = out.suffix.lower()
-    if suffix == ".csv":
-        header = ",".join(f"x{i}" for i in range(x.shape[1]))
-        np.savetxt(tmp, x, delimiter=",", header=header, comments="")
-    elif suffix == ".npy":
-        with open(tmp, "wb") as fh:
-            np.save(fh, x)
-    else:
-        from ganbench.report import save_samples_png
-        from ganbench.targets import get_target
+    with atomic(out) as tmp:
+        if suffix == ".csv":
+            header = ",".join(f"x{i}" for i in range(x.shape[1]))
+            np.savetxt(tmp, x, delimiter=",", header=header, comments="")
+        elif suffix == ".npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, x)
+        else:
+            import torch
 
-        target = get_target(config.target, **config.target_params)
-        import torch
+            from ganbench.report import save_samples_png
+            from ganbench.targets import get_target
 
-        reference = target.sample(2000, torch.Generator().manual_seed(config.eval_seed))
-        save_samples_png(tmp, x, reference.numpy(),
-                         None if target.centers is None else target.centers.numpy(),
-                         f"{config.target}: generated (blue) over target (grey)")
-    tmp.replace(out)
+            target = get_target(config.target, **config.target_params)
+            reference = target.sample(2000, torch.Generator().manual_seed(config.eval_seed))
+            save_samples_png(tmp, x, reference.numpy(),
+                             None if target.centers is None else target.centers.numpy(),
+                             f"{config.target}: generated (blue) over target (grey)")
 
 
 @app.command("status")
@@ -550,8 +553,10 @@ def report_cmd(
 
     spec = load_any(spec_path, (quick_overrides(spec_path) if quick else []) +
                     _overrides(sets, storage=storage))
+    from ganbench.files import check_writable_folder
     from ganbench.study import EXPORT, export_studies, import_studies, stored_storage
 
+    check_writable_folder(out or Path("reports") / spec.name)
     exported = Path("reports") / spec.name / EXPORT
     source = None  # the spec's own storage
     if stored_storage(spec) is None:
@@ -644,7 +649,10 @@ def compare_cmd(
     spec = load_compare(spec_path, overrides + _overrides(
         sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile))
     from ganbench import compare
+    from ganbench.files import check_writable_folder
     from ganbench.workers import default_devices
+
+    check_writable_folder(Path("reports") / spec.name)  # before training, not after
 
     device_list = default_devices(spec.workers, _devices(devices))
     n = len(spec.targets) * len(spec.arms) * spec.tuning_replicates
@@ -733,6 +741,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         cause = exc.__cause__ or exc  # click turns a KeyboardInterrupt into Abort
         print(f"interrupted ({cause})" if str(cause) else "interrupted", file=sys.stderr)
         sys.exit(exit_code(cause))
+    except OSError as exc:
+        if exc.filename is None or debug:  # not a file the user named or we write: a bug
+            raise
+        # A folder that is a file, not writable, a full disk: the file and the reason.
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:
         if hasattr(exc, "exit_code"):  # typer's usage errors and exits (its own click)
             if hasattr(exc, "show"):

@@ -15,19 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ganbench.files import atomic, atomic_write_text  # noqa: E402,F401
 from ganbench.metrics import METRICS, pruning_metric  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def json_ready(value: Any) -> Any:
@@ -97,17 +89,16 @@ def save_samples_grid(
 
 
 def _save(fig: "plt.Figure", path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # colorbar axes cannot be laid out tightly
         fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------- trial tables

@@ -276,13 +276,13 @@ def save_checkpoint(path: str | Path, result: TrainResult, **extra: Any) -> Path
     number). Written whole or not at all."""
     if result.generator is None:
         raise GanbenchError(f"no generator to save: the run {result.status}")
+    from ganbench.files import atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"version": CHECKPOINT_VERSION, "config": result.config.to_dict(),
-                "generator": result.generator, "online": result.online,
-                "metrics": dict(result.metrics), "steps": result.steps} | extra, tmp)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        torch.save({"version": CHECKPOINT_VERSION, "config": result.config.to_dict(),
+                    "generator": result.generator, "online": result.online,
+                    "metrics": dict(result.metrics), "steps": result.steps} | extra, tmp)
     return path
 
 

@@ -1,0 +1,55 @@
+"""Files written whole or not at all: every report, export and checkpoint goes through here.
+
+``atomic(path)`` yields a temporary name beside ``path``; on success it replaces ``path`` in
+one step, on any error (a full disk, a kill signal, a bug) the temporary file is removed
+and ``path`` is as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path to write ``path`` through (same folder and suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all."""
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all."""
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Can ``folder`` be created (or written) here? Checked before a long run writes its
+    report at the end: a GanbenchError naming the path that is in the way."""
+    from ganbench.errors import GanbenchError
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise GanbenchError(f"{probe}: is a file; the report needs a folder {folder}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise GanbenchError(f"{probe}: not writable; the report needs a folder {folder}")

@@ -1,0 +1,72 @@
+"""Bad input and damaged surroundings: one line, exit 2, nothing half-written."""
+
+import os
+
+import pytest
+
+from ganbench.files import atomic, atomic_write_text
+from tests.conftest import ganbench, write_spec
+
+
+def test_an_error_while_writing_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "table.csv"
+    atomic_write_text(path, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic(path) as tmp:
+            tmp.write_text("half a ta")
+            raise RuntimeError("the disk filled up")
+    assert path.read_text() == "old\n"
+    assert sorted(os.listdir(tmp_path)) == ["table.csv"]
+
+
+def test_a_figure_that_cannot_be_drawn_leaves_no_temporary(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from ganbench.report import _save
+
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError, match="not supported"):  # raised inside savefig
+        _save(fig, tmp_path / "plot.xyz")
+    assert os.listdir(tmp_path) == []
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sweep", "report"])
+def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, command):
+    spec = write_spec(tmp_path, name="blocked", trials=1)
+    if command == "report":
+        assert ganbench("sweep", str(spec), cwd=tmp_path).returncode == 0
+    (tmp_path / "reports").mkdir(exist_ok=True)
+    blocker = tmp_path / "reports" / "blocked"
+    if blocker.exists():
+        import shutil
+
+        shutil.rmtree(blocker)
+    blocker.write_text("not a folder")
+    before = _files(tmp_path)
+    out = ganbench(command, str(spec), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "error: reports/blocked: is a file; the report needs a " \
+                                 "folder reports/blocked"
+    assert _files(tmp_path) == before  # no trial ran, nothing was written
+
+
+@pytest.mark.slow
+def test_sample_refuses_a_folder_and_huge_requests_in_one_line(tmp_path):
+    spec = write_spec(tmp_path, name="s", trials=1)
+    assert ganbench("sweep", str(spec), cwd=tmp_path).returncode == 0
+    (tmp_path / "out.csv").mkdir()
+    before = _files(tmp_path)
+    for args, needle in [
+        (["--out", "out.csv"], "is a folder"),
+        (["--n", str(10**12)], "--n"),
+        (["--seed", str(10**20)], "--seed"),
+    ]:
+        out = ganbench("sample", str(spec), "--trial", "0", *args, cwd=tmp_path)
+        assert out.returncode == 2, (args, out.stderr)
+        assert needle in out.stderr and "Traceback" not in out.stderr
+    assert _files(tmp_path) == before
