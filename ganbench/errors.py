@@ -3,24 +3,73 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-# A URL in any text, up to whitespace or a quote; password-like query values in it.
+# A URL in free text, up to whitespace or a quote; password-like query values in it.
 _URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"]+")
 _SECRET_QUERY = re.compile(r"(?i)\b(password|passwd|pwd|token|secret|api_key)=([^&\s'\"]*)")
+# Passwords of the URLs this process was given (specs, --storage, --tracking-uri, MLflow's
+# environment), in every form they can be printed in: hidden wherever they appear.
+_SECRETS: set[str] = set()
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str]:
+    """``scheme://user:password@rest`` → (``scheme://user``, password, ``rest``), parsed as
+    RFC 3986 reads a URL: the user info ends at the last ``@`` before the path, so an
+    unencoded ``@``, ``:``, space or quote inside a password stays in it. No password:
+    (url, None, "")."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url, None, ""
+    # The authority ends at the first / ? # after the user info; the user info at the last
+    # @ before that. A password may hold / ? #, so look for the last @ whose tail is a host.
+    at = rest.rfind("@")
+    while at != -1:
+        tail = rest[at + 1:]
+        if re.match(r"^[\w.\-\[\]]+(:\d*)?([/?#]|$)", tail):
+            break
+        at = rest.rfind("@", 0, at)
+    if at == -1 or ":" not in rest[:at]:
+        return url, None, ""
+    user, _, password = rest[:at].partition(":")
+    return f"{scheme}://{user}", password, rest[at + 1:]
+
+
+def register_secret_url(url: Any) -> None:
+    """Remember the password of ``url`` (if any) so that ``redact`` hides it everywhere:
+    raw, percent-decoded and -encoded, and escaped as repr and JSON print it."""
+    if not isinstance(url, str):
+        return
+    _, password, _ = split_credentials(url)
+    if password:
+        register_secret(password)
+
+
+def register_secret(secret: str) -> None:
+    """Hide ``secret`` (and its encoded forms) in everything ``redact`` sees."""
+    import json
+    from urllib.parse import quote, unquote
+
+    if not secret or secret == "***":
+        return
+    for form in (secret, unquote(secret)):
+        for shown in (form, quote(form, safe=""), quote(form), repr(form)[1:-1],
+                      json.dumps(form)[1:-1], json.dumps(form, ensure_ascii=False)[1:-1]):
+            if len(shown) >= 2:  # one character would blank out unrelated text
+                _SECRETS.add(shown)
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ***.
+    """``text`` with every known password (see ``register_secret_url``) and the password of
+    every URL in it replaced by ***; password-like query parameters (``?password=…``) are
+    hidden too. Every URL shown, logged or tagged goes through here."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
 
-    The credentials end at the *last* ``@`` of the URL, so an unencoded ``@`` inside a
-    password stays hidden; password-like query parameters (``?password=…``) are hidden too.
-    Every URL shown, logged or tagged goes through here.
-    """
     def one(match: re.Match) -> str:
-        scheme, _, rest = match.group(0).partition("://")
-        cred, at, host = rest.rpartition("@")
-        url = f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if at and ":" in cred \
-            else match.group(0)
+        head, password, rest = split_credentials(match.group(0))
+        url = match.group(0) if password in (None, "***", "PASSWORD") else \
+            f"{head}:***@{rest}"
         return _SECRET_QUERY.sub(r"\1=***", url)
 
     return _URL.sub(one, text)

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from ganbench.config import MODEL_FIELDS, TRAIN_FIELDS, TrainConfig
-from ganbench.errors import GanbenchError, SpecError, redact
+from ganbench.errors import GanbenchError, SpecError, redact, register_secret_url
 from ganbench.metrics import METRICS
 
 SEARCHABLE = tuple(f for f in TRAIN_FIELDS + MODEL_FIELDS
@@ -338,9 +338,21 @@ def _pydantic_message(err: dict) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def register_urls(raw: Any) -> None:
+    """Remember the passwords of a raw study's URLs (storage, tracking.uri) before anything
+    can echo them: every message is then free of them, however odd their characters."""
+    if not isinstance(raw, dict):
+        return
+    register_secret_url(raw.get("storage"))
+    tracking = raw.get("tracking")
+    if isinstance(tracking, dict):
+        register_secret_url(tracking.get("uri"))
+
+
 def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
     """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars) to ``raw``."""
     for item in overrides:
+        register_secret_url(item.partition("=")[2].strip())
         key, sep, value = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise SpecError(path, "--set", f"expected dotted.key=value, got {item!r}")
@@ -478,6 +490,7 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(p, "", f"cannot read file ({exc.__class__.__name__})") from None
     raw = parse_yaml(text, p)
+    register_urls(raw)
     if raw is None:
         raise SpecError(p, "", "empty file; expected a study mapping with name, target, ...")
     if not isinstance(raw, dict):
@@ -489,6 +502,7 @@ def validate_spec(raw: dict, path: str = "<spec>") -> StudySpec:
     """Validate a raw mapping into a StudySpec; every failure is a SpecError."""
     if not isinstance(raw, dict):
         raise SpecError(path, "", "expected a mapping at the top level")
+    register_urls(raw)
     check_values(raw, path)
     try:
         spec = StudySpec.model_validate(raw)
@@ -771,7 +785,9 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     if not is_compare(raw):
         raise SpecError(p, "", "this is a study (it has no arms); run it with "
                         f"`ganbench sweep {path}`")
+    register_urls(raw)
     raw = apply_overrides(raw, overrides or [], p)
+    register_urls(raw)
     check_values(raw, p)
     try:
         spec = CompareSpec.model_validate(raw)

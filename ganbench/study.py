@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from ganbench.errors import GanbenchError, NoStudy, SpecError, redact
+from ganbench.errors import GanbenchError, NoStudy, SpecError, redact, register_secret_url
 from ganbench.recovery import exception_chain, retry_callback
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec, derive_seed
 
@@ -182,6 +182,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
         # as stale (its grace period reads the target's mtime) and the next run spun forever.
         return optuna.storages.JournalStorage(JournalFileBackend(str(path.resolve())))
     url = spec.storage
+    register_secret_url(url)  # also in a worker process, which did not read the spec file
     if url.startswith("sqlite:///") and not create and not Path(url[10:]).exists():
         raise NoStudy(f"no study found: {url[10:]} does not exist")
     for attempt in range(3):

@@ -17,8 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,22 +57,66 @@ ROLE_TAG = "ganbench.role"
 
 def resolve_uri(spec_uri: str | None) -> str:
     """spec / --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
-    return spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    from ganbench.errors import register_secret, register_secret_url
+
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    register_secret_url(uri)
+    register_secret(os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """An HTTP tracking server must answer its health endpoint; one-line error otherwise."""
+    """An HTTP tracking server must answer its health endpoint (through ``requests``, the
+    client MLflow uses: user info in the URI, or MLFLOW_TRACKING_USERNAME / PASSWORD, are
+    sent as basic auth); a local sqlite store is created once, under a lock. One-line error
+    otherwise."""
     if uri.startswith(("http://", "https://")):
+        import requests
+
+        env = (os.environ.get("MLFLOW_TRACKING_USERNAME"),
+               os.environ.get("MLFLOW_TRACKING_PASSWORD"))
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-                if resp.status != 200:
-                    raise OSError(f"HTTP {resp.status}")
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
+            resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout,
+                                auth=env if all(env) else None)
+            if resp.status_code != 200:
+                raise OSError(f"HTTP {resp.status_code}")
+        except (OSError, ValueError, requests.RequestException) as exc:
+            reason = type(exc).__name__ if isinstance(exc, requests.RequestException) else exc
             raise GanbenchError(f"tracking server {uri} is unreachable: {reason}") from None
-    elif not uri.startswith(("sqlite:///", "file:", "postgresql", "mysql")) and "://" in uri:
+    elif uri.startswith("sqlite:///"):
+        create_sqlite_store(uri)
+    elif not uri.startswith(("file:", "postgresql", "mysql")) and "://" in uri:
         raise GanbenchError(f"tracking uri {uri!r}: expected http(s)://, sqlite:///, file: "
                             "or a database URL")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Held while a local sqlite tracking store is created or a study's experiment and
+    parent run are found or created, so sweeps started together in a fresh folder neither
+    race through MLflow's schema creation (which fails for all but one) nor make two
+    experiments or parent runs. A tracking server or database needs no lock here."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+    import hashlib
+
+    path = Path(uri.removeprefix("sqlite:///")).resolve()
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"ganbench-mlflow-{key}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create (or migrate) the sqlite tracking store at ``uri`` under ``store_lock``."""
+    with store_lock(uri):
+        _client(uri).search_experiments(max_results=1)
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -127,13 +169,14 @@ class Tracker:
         check_reachable(uri)
         client = _client(uri)
         try:
-            exp = client.get_experiment_by_name(spec.name)
-            exp_id = exp.experiment_id if exp else client.create_experiment(
-                spec.name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
-            if exp is not None and exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-                client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
-            run_id = _find_or_create(client, exp_id, spec.name, {ROLE_TAG: role,
-                                     STUDY_TAG: spec.name} | tags, raw_spec)
+            with store_lock(uri):
+                exp = client.get_experiment_by_name(spec.name)
+                exp_id = exp.experiment_id if exp else client.create_experiment(
+                    spec.name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+                if exp is not None and exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                    client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
+                run_id = _find_or_create(client, exp_id, spec.name, {
+                    ROLE_TAG: role, STUDY_TAG: spec.name} | tags, raw_spec)
         except GanbenchError:
             raise
         except Exception as exc:

@@ -468,3 +468,24 @@ def test_a_damaged_record_stops_in_one_line_until_repaired(tmp_path):
     assert_complete_study(journal_study(tmp_path, "garbled"), 3)
     clean = ganbench("repair", str(spec), cwd=tmp_path)
     assert clean.returncode == 0 and "none damaged" in clean.stdout
+
+
+def test_sweeps_started_together_in_a_fresh_folder_count_exactly(tmp_path):
+    """Three sweeps of one study started in the same second where neither mlflow.db nor the
+    journal exists yet: all end cleanly, the study holds exactly its trials, MLflow one
+    experiment with one parent run and one run per trial."""
+    spec = write_spec(tmp_path, name="together", trials=6, tracking={})
+    procs = [start(["sweep", str(spec), "--workers", "1"], tmp_path) for _ in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    study = journal_study(tmp_path, "together")
+    assert_complete_study(study, 6)
+    assert len(study.get_trials()) == 6
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments()].count("together") == 1
+    exp = client.get_experiment_by_name("together")
+    roles = sorted(r.data.tags.get("ganbench.role", "") for r in
+                   client.search_runs([exp.experiment_id]))
+    assert roles == ["study"] + ["trial"] * 6

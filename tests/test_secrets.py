@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
 from ganbench.errors import GanbenchError, SpecError, redact
@@ -91,3 +93,80 @@ def _artifact_files(client, run_id: str, dest: Path) -> list[Path]:
         return []
     local = Path(client.download_artifacts(run_id, "", str(dest.mkdir(parents=True) or dest)))
     return [p for p in local.rglob("*") if p.is_file()]
+
+
+passwords = st.text(st.characters(blacklist_categories=("Cs",),
+                                  blacklist_characters="\x00\n\r"),
+                    min_size=1, max_size=16).map(lambda t: f"Zq{t}9x")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(password=passwords, encoded=st.booleans(), kind=st.sampled_from(["storage", "tracking"]))
+def test_no_password_of_any_shape_is_shown(tmp_path_factory, password, encoded, kind):
+    """Any password (quotes, spaces, @ : / %, unicode; percent-encoded in the URL or not),
+    in a storage or a tracking URL that cannot be reached, through the real paths: the
+    spec's validation, opening the storage or checking the tracking server, and what is
+    logged to MLflow. Neither the password nor its encoded form is in any message."""
+    from urllib.parse import quote
+
+    from ganbench.spec import load_spec, logged
+    from ganbench.study import get_storage
+    from ganbench.tracking import check_reachable, resolve_uri
+    from tests.services import free_port
+
+    secret = quote(password, safe="") if encoded else password
+    port = free_port()  # nothing listens there
+    url = (f"postgresql://ganbench:{secret}@127.0.0.1:{port}/db" if kind == "storage"
+           else f"http://user:{secret}@127.0.0.1:{port}")
+    folder = tmp_path_factory.mktemp("pw")
+    path = folder / "s.yaml"
+    data = TINY | ({"storage": url} if kind == "storage" else {"tracking": {"uri": url}})
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    shown = []
+    try:
+        spec = load_spec(path)
+        shown.append(json.dumps(logged(spec), ensure_ascii=False))
+        if kind == "storage":
+            get_storage(spec)
+        else:
+            check_reachable(resolve_uri(spec.tracking.uri))
+    except GanbenchError as exc:
+        shown.append(str(exc))
+    assert shown
+    for text in shown:
+        assert password not in text and quote(password, safe="") not in text, text
+
+
+@pytest.mark.slow
+def test_a_tracking_uri_with_credentials_works_and_hides_them(tmp_path, mlflow_server):
+    """``http://user:password@host:port``, as MLflow users write it (and the same server
+    with MLFLOW_TRACKING_USERNAME / PASSWORD): the reachability check passes, the sweep
+    logs its runs there, and the password is nowhere in the output or the runs."""
+    import os
+
+    from tests.conftest import cli_env
+
+    host = mlflow_server.url.removeprefix("http://")
+    from urllib.parse import quote
+
+    uri = f"http://alice:{quote(SECRET, safe='')}@{host}"
+    spec = tmp_path / "cred.yaml"
+    spec.write_text(yaml.safe_dump(TINY | {"name": "cred", "trials": 1,
+                                            "tracking": {"uri": uri}}))
+    proc = ganbench("sweep", str(spec), "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _assert_clean(proc.stdout + proc.stderr, "console output")
+    env = cli_env() | {"MLFLOW_TRACKING_USERNAME": "alice",
+                       "MLFLOW_TRACKING_PASSWORD": SECRET}
+    by_env = ganbench("sweep", str(spec), "--set", "name=cred-env", "--tracking-uri",
+                      mlflow_server.url, "--workers", "1", cwd=tmp_path, env=env)
+    assert by_env.returncode == 0, by_env.stderr
+    _assert_clean(by_env.stdout + by_env.stderr, "console output")
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    for name in ("cred", "cred-env"):
+        exp = client.get_experiment_by_name(name)
+        runs = client.search_runs([exp.experiment_id])
+        assert {r.data.tags.get("ganbench.role") for r in runs} == {"study", "trial"}
+        for run in runs:
+            _assert_clean(json.dumps(run.data.params) + json.dumps(run.data.tags), name)
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
