@@ -707,6 +707,13 @@ def _progress() -> Progress:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user errors become one line on stderr and exit 2."""
+    if argv is None:  # the command line: a SIGTERM while starting up is said, like later
+        from ganbench.recovery import Interrupted
+
+        def starting_up(signum: int, frame) -> None:
+            raise Interrupted(signum)
+
+        signal.signal(signal.SIGTERM, starting_up)
     args = sys.argv[1:] if argv is None else argv
     from ganbench import provenance
 

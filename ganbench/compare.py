@@ -856,6 +856,22 @@ def _units(frame: "pd.DataFrame", metric: str, by_replicate: bool) -> "pd.Series
     return frame.set_index(["replicate", "seed"])[metric]
 
 
+def _quiet_numerics(fn: Callable) -> Callable:
+    """Run ``fn`` without numpy's and pandas' RuntimeWarnings (an all-NaN column of a
+    diverged arm, a mean of nothing): the tables show NaN, and the page says why."""
+    import functools
+    import warnings
+
+    @functools.wraps(fn)
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return fn(*args, **kwargs)
+
+    return quiet
+
+
+@_quiet_numerics
 def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | None = None,
                   *, contrasts: Sequence[tuple[str, str]] | None = None,
                   matched: Sequence[tuple[str, str]] = (), objective: str = "w1",
@@ -918,7 +934,7 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
                     "few_hq": bool(hq_min < hq_need)}
             means = pd.Series([b["mean"] for b in block.values()])
             ranks = means.rank(ascending=METRICS[metric].direction == "minimize",
-                               method="min")
+                               method="min", na_option="bottom")  # no value: last
             for b, rank in zip(block.values(), ranks):
                 b["rank"] = int(rank)
             tested: dict[str, list[dict[str, Any]]] = {}
@@ -933,7 +949,12 @@ def compare_stats(runs: "pd.DataFrame", baseline: str, metrics: Sequence[str] | 
                     "units": len(a),
                     "pair_few_hq": block[arm]["few_hq"] or block[ref]["few_hq"],
                     "pair_hq_min": min(block[arm]["hq_min"], block[ref]["hq_min"])}
-                if paired:
+                if np.isnan(a.to_numpy(float)).any() or np.isnan(r.to_numpy(float)).any():
+                    # A run without a value (not inf: none at all) cannot be ranked.
+                    row |= {"test": "not tested: runs without a value", "shift": math.nan,
+                            "p_value": math.nan, "shift_low": math.nan,
+                            "shift_high": math.nan, "min_p": math.nan}
+                elif paired:
                     x, y = a.to_numpy(float), r.to_numpy(float)
                     with np.errstate(invalid="ignore"):  # equal values (inf too) differ by 0
                         d = np.where(x == y, 0.0, x - y)
@@ -1085,6 +1106,7 @@ def _eval_samples(spec: CompareSpec, arm: str) -> int:
 EXPECTED_COLUMNS = ["target", "arm", "budget", "mean", "lo", "hi", "trials"]
 
 
+@_quiet_numerics
 def expected_best_frame(spec: CompareSpec, tuning: "pd.DataFrame") -> "pd.DataFrame":
     """Expected best objective of k tuning trials, k = 1..budget, per tuned arm and target,
     with a ± 1 standard deviation band clipped to the values seen (:func:`expected_best`),

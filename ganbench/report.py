@@ -411,6 +411,8 @@ def _few_hq(r: Any, pair: bool = False) -> str:
 def contrast_text(r: Any) -> tuple[str, str]:
     """A contrast cell as text and its mark where it is significant as its family is
     controlled: '**' (confirmatory) or '†' (exploratory), else ''."""
+    if r["p_value"] != r["p_value"]:  # not tested: some runs have no value
+        return str(r.get("test", "not tested")), ""
     if r["shift"] != r["shift"]:  # undefined (inf − inf in both arms)
         text = f"Δ undefined p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}"
         return text, ""

@@ -38,12 +38,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-li
 
 
 def _client(uri: str):
-    """An MlflowClient; MLflow's INFO logs (database migrations) are kept out of our output.
-    The levels are set after the import because importing mlflow configures its loggers."""
+    """An MlflowClient whose library logs are kept out of our output: its INFO lines
+    (database migrations) and the tracebacks it logs for a failed call (a full disk: eight
+    of them), which ganbench reports itself, in one line per event. The levels are set
+    after the import because importing mlflow configures its loggers."""
     from mlflow.tracking import MlflowClient
 
     for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -70,3 +70,59 @@ def test_sample_refuses_a_folder_and_huge_requests_in_one_line(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         assert needle in out.stderr and "Traceback" not in out.stderr
     assert _files(tmp_path) == before
+
+
+def test_an_arm_whose_runs_all_diverged_gives_a_table_and_no_warning():
+    import math
+    import warnings
+
+    import pandas as pd
+
+    from ganbench.compare import compare_stats
+
+    runs = pd.DataFrame({"target": "ring", "arm": ["base"] * 3 + ["x"] * 3, "seed": range(6),
+                         "w1": [0.1, 0.2, 0.3] + [math.nan] * 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = compare_stats(runs, "base").set_index("arm")
+    assert math.isnan(table.loc["x", "mean"])
+    assert table.loc["base", "mean"] == pytest.approx(0.2)
+    tested = compare_stats(runs, "base")
+    row = tested[tested["arm"] == "x"].iloc[0]
+    assert row["test"] == "not tested: runs without a value" and math.isnan(row["p_value"])
+    assert not row["significant"] and row["family_size"] == 0
+    from ganbench.report import contrast_text
+
+    assert contrast_text(row) == ("not tested: runs without a value", "")
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_starting_up_is_said_and_exits_143(tmp_path):
+    """The command is still starting (waiting for a tracking server that accepts the
+    connection and never answers) when SIGTERM comes: one line saying so, exit 143."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        spec = write_spec(tmp_path, name="early", trials=1, tracking={
+            "uri": f"http://127.0.0.1:{silent.getsockname()[1]}"})
+        proc = subprocess.Popen([sys.executable, "-m", "ganbench", "sweep", str(spec)],
+                                cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        silent.settimeout(120)
+        conn, _ = silent.accept()  # it connected and waits for an answer that never comes
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        conn.close()
+    finally:
+        silent.close()
+    assert proc.returncode == 143, err
+    assert err.strip() == "interrupted (SIGTERM)"
+    assert not (tmp_path / "runs").exists()
