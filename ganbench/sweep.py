@@ -367,6 +367,10 @@ def ask_next(study: optuna.Study, spec: StudySpec, total: int,
                 (should_stop is not None and should_stop()):
             return None
         trial = ask_indexed(study, spec, trials)
+        if should_stop is not None and should_stop():  # the signal came while asking
+            fail_trial(study, study._storage.get_trial(trial._trial_id), INTERRUPTED,
+                       "interrupted (Ctrl-C) before it trained")
+            return None
     before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
     done, running = count_trials(before)
     if done + running >= total:

@@ -200,8 +200,10 @@ def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
             # The workers mark their trials and stop at their next safe point; one that has
             # not within 30 s is killed (SIGTERM would only ask it again) and its trial
             # recovered below.
+            end = time.time() + 30  # 30 s for all of them, however many
             for p in procs:
-                p.join(timeout=30)
+                p.join(timeout=max(0.0, end - time.time()))
+            for p in procs:
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=5)
