@@ -303,3 +303,33 @@ def test_an_arm_given_twice_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(COMPARE).replace("  b:", "  a: {}\n  b:"))
     with pytest.raises(SpecError, match="key 'a' given twice"):
         load_compare(path)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(OVERRIDE_KEYS + ["storage", "tracking.uri"]), value=override_values)
+def test_the_cli_answers_any_set_value_in_one_line_and_writes_nothing(tmp_path_factory, key,
+                                                                     value):
+    """``ganbench status SPEC --set KEY=VALUE`` (status of a study that has not run): whatever
+    the value, one line on stderr, exit 2, and no file or folder created."""
+    import contextlib
+    import io
+    import os
+
+    from ganbench.cli import main
+
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "s.yaml").write_text(yaml.safe_dump(BASE | {"tracking": False}))
+    before = sorted(folder.rglob("*"))
+    err = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                pytest.raises(SystemExit) as code:
+            main(["status", "s.yaml", "--set", f"{key}={value}"])
+    finally:
+        os.chdir(cwd)
+    assert code.value.code == 2, err.getvalue()
+    assert err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1
+    assert len(err.getvalue()) <= MAX_MESSAGE + 10
+    assert sorted(folder.rglob("*")) == before
