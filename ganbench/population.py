@@ -691,7 +691,7 @@ def _member(index: int, config: TrainConfig) -> _Member:
     return _Member(index=index, config=config, built=built, target=target,
                    data=training_data(target, config.pool, config.seed),
                    rng=torch.Generator(device).manual_seed(config.seed),
-                   reference=reference, z_eval=z_eval, cost=step_flops(built))
+                   reference=reference, z_eval=z_eval, cost=step_flops(built, target.dim))
 
 
 def train_population(
@@ -746,11 +746,14 @@ def train_population(
 MIN_SHARD = 4  # members: smaller shards lose more to per-operation overhead than they gain
 
 
-def step_flops(c: TrainConfig) -> float:
+def step_flops(c: TrainConfig, dim: int | None = None) -> float:
     """Matrix-product FLOPs of one generator iteration (``d_steps`` D steps and one G step)
-    of a member whose config is ``c``: what balances lanes, and what benchmarks divide by."""
-    dims_g = [c.noise_dim, *c.widths("g"), 2]
-    dims_d = [2 * c.pack, *c.widths("d"), 1]
+    of a member whose config is ``c`` on data of ``dim`` dimensions (default: its target's):
+    what balances lanes, and what benchmarks divide by."""
+    if dim is None:
+        dim = get_target(c.target, **c.target_params).dim
+    dims_g = [c.noise_dim, *c.widths("g"), dim]
+    dims_d = [dim * c.pack, *c.widths("d"), 1]
     outs_d = [w * c.pieces for w in c.widths("d")] + [1]  # maxout: pieces outputs per unit
     fg = 2 * c.batch_size * sum(a * b for a, b in zip(dims_g, dims_g[1:]))
     fd = 2 * c.batch_size // c.pack * sum(a * b for a, b in zip(dims_d, outs_d))

@@ -397,3 +397,25 @@ def test_compile_flag_compiles_a_sweeps_populations(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "one trial at a time (execution.compile applies to populations: these train " \
            "eagerly)" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("target, params", [("ring", {}), ("mog", {"dim": 64, "modes": 10})],
+                         ids=["2-d", "64-d"])
+def test_step_flops_counts_the_data_dimension(target, params):
+    """The cost that balances lanes is the FLOPs of one training iteration: checked against
+    torch's own count of the matrix products of real training steps (the difference between
+    2 steps and 1), within 15% (the estimate leaves out biases and elementwise work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ganbench.population import built_config, step_flops
+    from ganbench.train import train
+
+    counted = []
+    for steps in (1, 2):
+        config = TrainConfig(target=target, target_params=params, steps=steps, eval_every=1000,
+                             eval_samples=100, batch_size=64, hidden=32, depth=2, device="cpu")
+        with FlopCounterMode(display=False) as counter:
+            train(config)
+        counted.append(counter.get_total_flops())
+    estimate = step_flops(built_config(config))
+    assert estimate == pytest.approx(counted[1] - counted[0], rel=0.15)

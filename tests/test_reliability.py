@@ -484,17 +484,22 @@ def test_a_damaged_record_stops_in_one_line_until_repaired(tmp_path):
     assert clean.returncode == 0 and "none damaged" in clean.stdout
 
 
-def test_sweeps_started_together_in_a_fresh_folder_count_exactly(tmp_path):
+@pytest.mark.parametrize("kind", ["journal", "postgresql"])
+def test_sweeps_started_together_in_a_fresh_folder_count_exactly(tmp_path, request, kind):
     """Three sweeps of one study started in the same second where neither mlflow.db nor the
-    journal exists yet: all end cleanly, the study holds exactly its trials, MLflow one
+    study exists yet: all end cleanly, the study holds exactly its trials, MLflow one
     experiment with one parent run and one run per trial."""
-    spec = write_spec(tmp_path, name="together", trials=6, tracking={})
+    storage = {} if kind == "journal" else \
+        {"storage": request.getfixturevalue("postgres").url}
+    spec = write_spec(tmp_path, name="together", trials=6, tracking={}, **storage)
     procs = [start(["sweep", str(spec), "--workers", "1"], tmp_path) for _ in range(3)]
     for proc in procs:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
         assert "Traceback" not in err
-    study = journal_study(tmp_path, "together")
+    study = journal_study(tmp_path, "together") if kind == "journal" else \
+        optuna.load_study(study_name="together", storage=get_storage(StudySpec.model_validate(
+            {"name": "together", "target": {"name": "ring"}} | storage)))
     assert_complete_study(study, 6)
     assert len(study.get_trials()) == 6
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
