@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "ganbench"
 # module → the ganbench modules it may import (spec → sweep → train → metrics → report).
 ALLOWED = {
     "errors": set(),
+    "files": {"errors"},
     "metrics": {"errors"},
     "targets": {"errors"},
     "models": {"errors"},
@@ -24,12 +25,12 @@ ALLOWED = {
     "devices": {"errors"},
     "tricks": {"errors", "config"},
     "config": {"errors", "losses", "models", "tricks", "devices"},
-    "train": {"errors", "config", "devices", "metrics", "targets", "models", "losses",
+    "train": {"errors", "config", "devices", "files", "metrics", "targets", "models", "losses",
               "tricks"},
     "population": {"errors", "config", "devices", "metrics", "targets", "models", "losses",
                    "tricks", "train"},
     "spec": {"errors", "config", "metrics", "targets", "tricks"},
-    "report": {"errors", "metrics"},
+    "report": {"errors", "files", "metrics"},
     "recovery": set(),
     "study": {"errors", "metrics", "spec", "recovery", "report", "targets"},
     "tracking": {"errors", "config", "report", "targets"},
@@ -42,16 +43,17 @@ ALLOWED = {
                 "spec", "study", "sweep", "tracking", "train", "workers"},
     "verify": {"compare", "errors", "metrics", "population", "provenance", "spec", "study",
                "sweep", "train"},
-    "cli": {"compare", "devices", "errors", "metrics", "provenance", "recovery", "report", "spec",
-            "study", "targets", "tracking", "train", "verify", "workers", "__init__"},
+    "cli": {"compare", "devices", "errors", "files", "metrics", "provenance", "recovery",
+            "report", "spec", "study", "targets", "tracking", "train", "verify", "workers",
+            "__init__"},
     "__init__": set(),  # re-exports by name, loaded lazily (see test_lazy_imports)
     "__main__": {"cli"},
 }
 # module → libraries it must not import: Optuna only from the sweep layer up, MLflow only
 # in tracking, torch never in the report or the plain-data modules.
-NO_OPTUNA = {"errors", "metrics", "targets", "models", "losses", "devices", "tricks",
+NO_OPTUNA = {"errors", "files", "metrics", "targets", "models", "losses", "devices", "tricks",
              "config", "train", "population", "spec", "tracking", "provenance"}
-NO_TORCH = {"errors", "report", "recovery", "spec", "config", "provenance"}
+NO_TORCH = {"errors", "files", "report", "recovery", "spec", "config", "provenance"}
 
 
 def imports(module: str) -> set[str]:
