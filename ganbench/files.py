@@ -53,3 +53,19 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
         raise GanbenchError(f"{probe}: is a file; the report needs a folder {folder}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise GanbenchError(f"{probe}: not writable; the report needs a folder {folder}")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock between the processes of this machine, held on the file ``path``
+    (created if needed; the file itself stays, empty)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

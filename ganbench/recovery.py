@@ -9,7 +9,6 @@ because its worker died or was interrupted does not count; its parameters are re
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket
@@ -211,14 +210,10 @@ def recover_dead_workers(study: optuna.Study,
 def local_lock(folder: Path) -> Iterator[None]:
     """Serialize 'check the total, ask a trial' between the workers of this machine
     (a file lock in the study's run folder)."""
-    path = Path(folder) / ".ask.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    from ganbench.files import file_lock
+
+    with file_lock(Path(folder) / ".ask.lock"):
+        yield
 
 
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:

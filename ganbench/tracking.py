@@ -101,18 +101,14 @@ def store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
     import hashlib
+
+    from ganbench.files import file_lock
 
     path = Path(uri.removeprefix("sqlite:///")).resolve()
     key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    lock = Path(tempfile.gettempdir()) / f"ganbench-mlflow-{key}.lock"
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(Path(tempfile.gettempdir()) / f"ganbench-mlflow-{key}.lock"):
+        yield
 
 
 def create_sqlite_store(uri: str) -> None:
