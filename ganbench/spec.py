@@ -39,18 +39,27 @@ PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "percentile": "Percent
            "patient": "PatientPruner"}
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # study, arm: names of files and runs
-MAX_NAME = 64  # a study's folders join its name, target and arm: far below 255 bytes
-NAME_RULE = f"letters, digits and _ . - (starting with a letter or digit), at most {MAX_NAME}"
+# A comparison's arm studies join its name, a target and an arm (<name>__<target>__<arm>__r9):
+# 64 characters each keeps that, and every file name built from it, below 255 bytes.
+MAX_NAME = 64
+MAX_STUDY_NAME = 3 * MAX_NAME + 8
+NAME_RULE = "letters, digits and _ . - (starting with a letter or digit)"
 
 
-def check_name(value: Any) -> Any:
-    """Before pydantic: a study or arm name given as a YAML number says to quote it."""
+def check_name(value: Any, limit: int = MAX_NAME) -> Any:
+    """Before pydantic: a study, comparison or arm name (at most ``limit`` characters); one
+    given as a YAML number is told to be quoted."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise ValueError(f"expected a name ({NAME_RULE}); YAML read {value!r} as a number: "
-                         f"quote it, e.g. name: \"{value}\"")
-    if isinstance(value, str) and not (NAME.fullmatch(value) and len(value) <= MAX_NAME):
-        raise ValueError(f"expected a name of {NAME_RULE}; got {_short(value)!r}")
+        raise ValueError(f"expected a name ({NAME_RULE}, at most {limit}); YAML read "
+                         f"{value!r} as a number: quote it, e.g. name: \"{value}\"")
+    if isinstance(value, str) and not (NAME.fullmatch(value) and len(value) <= limit):
+        raise ValueError(f"expected a name of {NAME_RULE}, at most {limit}; got "
+                         f"{_short(value)!r}")
     return value
+
+
+def _study_name(value: Any) -> Any:
+    return check_name(value, MAX_STUDY_NAME)
 
 STORAGE_URL = re.compile(r"^(sqlite:///\S+|postgresql(\+psycopg)?://\S*@?[\w.\-\[\]:]+(:\d+)?/\w\S*)$")
 
@@ -288,7 +297,7 @@ class StudySpec(BaseModel):
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
 
-    _name = field_validator("name", mode="before")(check_name)
+    _name = field_validator("name", mode="before")(_study_name)
 
     def fixed(self) -> dict[str, Any]:
         """The fixed trainer fields: target, train and model sections."""
@@ -796,7 +805,8 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
         raise SpecError(p, _dotted(err["loc"]), _pydantic_message(err)) from None
     for arm in spec.arms:  # arm names become study, run and file names
         if not (NAME.fullmatch(arm) and len(arm) <= MAX_NAME):
-            raise SpecError(p, f"arms.{_short(arm)!r}", f"an arm name is {NAME_RULE}")
+            raise SpecError(p, f"arms.{_short(arm)!r}", f"an arm name is {NAME_RULE}, at "
+                            f"most {MAX_NAME} characters")
     names = [target.name for target in spec.targets]
     for i, name in enumerate(names):
         if not (NAME.fullmatch(name) and len(name) <= MAX_NAME):

@@ -262,7 +262,7 @@ def test_numbers_are_finite_and_sized_for_the_trainer(tmp_path, field, value, ne
 
 @pytest.mark.parametrize("name, needle", [
     (123, 'YAML read 123 as a number: quote it, e.g. name: "123"'),
-    ("a" * 65, "at most 64"),
+    ("a" * 201, "at most 200"),
     ("run\n", "expected a name"),
     ("../x", "expected a name"),
 ])
@@ -284,9 +284,12 @@ COMPARE = {"name": "c", "targets": [{"name": "ring"}],
     ({"arms": {"a": {}, "b\n": {}}}, "arms.", "an arm name is"),
     ({"arms": {"a": {}, "b" * 65: {}}}, "arms.", "at most 64"),
     ({"name": 7}, "name", "quote it"),
+    ({"name": "c" * 65}, "name", "at most 64"),
 ])
 def test_comparison_names_and_targets_are_refused_in_one_line(tmp_path, change, field,
                                                                needle):
+    """(A comparison's and an arm's names are at most 64 characters: joined with a target's
+    into an arm study's name, at most 200, which a study file may also use.)"""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(COMPARE | change))
     with pytest.raises(SpecError) as info:
@@ -333,3 +336,15 @@ def test_the_cli_answers_any_set_value_in_one_line_and_writes_nothing(tmp_path_f
     assert err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1
     assert len(err.getvalue()) <= MAX_MESSAGE + 10
     assert sorted(folder.rglob("*")) == before
+
+
+def test_the_longest_names_make_arm_studies_that_fit(tmp_path):
+    from ganbench.spec import MAX_STUDY_NAME
+
+    arm = "a" * 64
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(COMPARE | {"name": "c" * 64, "arms": {arm: {}, "b": {}},
+                                              "baseline": arm, "tuning_replicates": 10}))
+    spec = load_compare(path)
+    name = spec.arm_study(spec.targets[0], arm, 9).name
+    assert len(name) <= MAX_STUDY_NAME and len((name + "/optuna.log.cut-x").encode()) < 255
