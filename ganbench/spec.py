@@ -794,9 +794,8 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     if not is_compare(raw):
         raise SpecError(p, "", "this is a study (it has no arms); run it with "
                         f"`ganbench sweep {path}`")
-    register_urls(raw)
     raw = apply_overrides(raw, overrides or [], p)
-    register_urls(raw)
+    register_urls(raw)  # as overridden (read_yaml registered the file's)
     check_values(raw, p)
     try:
         spec = CompareSpec.model_validate(raw)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import optuna
 
 from ganbench.errors import GanbenchError, NoStudy, SpecError, redact, register_secret_url
+from ganbench.files import atomic_write_bytes
 from ganbench.recovery import exception_chain, retry_callback
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec, derive_seed
 
@@ -209,16 +210,12 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
 
 
 # ---------------------------------------------------------------- a damaged journal
-def _journal_lock(path: Path) -> Any:
-    """Optuna's own lock of the journal at ``path`` (its writers append under it)."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
-    return JournalFileSymlinkLock(str(path.resolve()))
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    lock = _journal_lock(path)
+    """Hold Optuna's own lock of the journal at ``path`` (its writers append under it)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path.resolve()))
     lock.acquire()
     try:
         yield
@@ -226,11 +223,11 @@ def _locked(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def _first_bad_record(data: bytes) -> int | None:
-    """The 0-based index of the first record (line) of ``data`` that is not a JSON object."""
+def _first_bad_record(lines: list[bytes]) -> int | None:
+    """The 0-based index of the first record (line) that is not a JSON object."""
     import json
 
-    for i, line in enumerate(data.splitlines()):
+    for i, line in enumerate(lines):
         try:
             if not isinstance(json.loads(line), dict):
                 return i
@@ -258,8 +255,9 @@ def check_journal(path: Path, set_aside: bool = True,
     with _locked(path):
         data = path.read_bytes()
         whole = data.rfind(b"\n") + 1
-        bad = _first_bad_record(data[:whole])
-        records = data[:whole].count(b"\n")
+        lines = data[:whole].split(b"\n")[:-1]
+        bad = _first_bad_record(lines)
+        records = len(lines)
         if bad is not None:
             raise GanbenchError(
                 f"{path}: record {bad + 1} of {records} is damaged (not a JSON record); "
@@ -302,7 +300,7 @@ def repair_journal(path: Path) -> Repair:
         data = path.read_bytes()
         lines = data.split(b"\n")
         whole = lines[:-1]  # the last element is what follows the last line end
-        bad = _first_bad_record(b"\n".join(whole) + b"\n" if whole else b"")
+        bad = _first_bad_record(whole)
         keep = len(whole) if bad is None else bad
         dropped = len(whole) - keep + (1 if lines[-1] else 0)
         if dropped == 0:
@@ -315,12 +313,7 @@ def repair_journal(path: Path) -> Repair:
                 finished += record.get("op_code") == 6 and record.get("state") in (1, 2, 3)
         original = path.with_name(f"{path.name}.damaged-{_stamp()}")
         shutil.copyfile(path, original)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(b"".join(line + b"\n" for line in whole[:keep]))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in whole[:keep]))
     return Repair(keep, dropped, finished, original)
 
 

@@ -32,7 +32,7 @@ ALLOWED = {
     "spec": {"errors", "config", "metrics", "targets", "tricks"},
     "report": {"errors", "files", "metrics"},
     "recovery": {"files"},
-    "study": {"errors", "metrics", "spec", "recovery", "report", "targets"},
+    "study": {"errors", "files", "metrics", "spec", "recovery", "report", "targets"},
     "tracking": {"errors", "config", "files", "report", "targets"},
     "sweep": {"config", "metrics", "recovery", "report", "spec", "study", "train",
               "population"},
