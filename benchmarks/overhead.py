@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from ganbench import sweep
+    from ganbench import trial as trial_mod
+    from ganbench import worker
     from ganbench.spec import load_spec
     from ganbench.study import open_study
     from ganbench.tracking import Tracker
@@ -63,7 +64,7 @@ def main() -> None:
                 spent[key] += time.perf_counter() - t
         return wrapper
 
-    sweep.train = timed(train, "train")
+    trial_mod.train = timed(train, "train")
     for name in ("__init__", "log_eval", "end"):
         setattr(tracking_mod.TrialRun, name,
                 timed(getattr(tracking_mod.TrialRun, name), "tracking"))
@@ -82,7 +83,7 @@ def main() -> None:
                     handle = Tracker.for_study(s, s.model_dump(mode="json"), "journal").handle
                     tracker = Tracker.attach(handle)
                 t = time.perf_counter()
-                sweep.worker_loop(s, "cpu", s.trials, tracker=tracker)
+                worker.worker_loop(s, "cpu", s.trials, tracker=tracker)
                 elapsed = time.perf_counter() - t
                 if tracker:
                     tracker.finish(study)

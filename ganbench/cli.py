@@ -98,7 +98,8 @@ def train_cmd(
                              "samples.png."),
 ) -> None:
     """Train one GAN and write DIR/metrics.json and DIR/samples.png."""
-    from ganbench.report import save_samples_png, write_json
+    from ganbench.files import write_json
+    from ganbench.report import save_samples_png
     from ganbench.targets import get_target
     from ganbench.train import TrainConfig, train
 
@@ -217,7 +218,7 @@ def _fmt(v) -> str:
 def _finished_lines(trials, seen: set[int], total: int) -> None:
     """One line per trial of ``trials`` finished since the last call: number, state,
     objective, duration (for logs, where a progress bar shows nothing until the end)."""
-    from ganbench.recovery import count_trials
+    from ganbench.accounting import count_trials
 
     for t in trials:
         if t.number in seen or not t.state.is_finished():
@@ -258,7 +259,7 @@ def sweep_cmd(
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
                  workers=workers, population=population, compile=compile)
     from ganbench.files import check_writable_folder
-    from ganbench.workers import plan_sweep, run_sweep
+    from ganbench.sweep import plan_sweep, run_sweep
 
     check_writable_folder(Path("reports") / spec.name)  # before trials, not after
     plan = plan_sweep(spec, _devices(devices))
@@ -301,7 +302,7 @@ def worker_cmd(
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
                  population=population, compile=compile)
     from ganbench.study import storage_label
-    from ganbench.workers import join_study
+    from ganbench.sweep import join_study
 
     def on_join(dev: str) -> None:
         console.print(f"worker on {dev} joined study [bold]{spec.name}[/] "
@@ -464,7 +465,7 @@ def status_cmd(
     if isinstance(spec, CompareSpec):
         _compare_status(spec)
         return
-    from ganbench.recovery import count_trials
+    from ganbench.accounting import count_trials
     from ganbench.study import open_study, storage_label
 
     study = open_study(spec, create=False)
@@ -650,7 +651,7 @@ def compare_cmd(
         sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile))
     from ganbench import compare
     from ganbench.files import check_writable_folder
-    from ganbench.workers import default_devices
+    from ganbench.worker import default_devices
 
     check_writable_folder(Path("reports") / spec.name)  # before training, not after
 
@@ -705,10 +706,27 @@ def _progress() -> Progress:
     )
 
 
+# Commands that open Optuna studies (their help does not).
+STUDY_COMMANDS = {"sweep", "worker", "status", "repair", "report", "compare", "sample",
+                  "verify"}
+
+
+def _own_process(args: list[str]) -> None:
+    """Process-wide settings of the ``ganbench`` command, which owns its process (the
+    package itself changes none on import): plots without a display, Optuna's INFO lines
+    off the console."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in STUDY_COMMANDS and not {"--help", "-h"} & set(args):
+        from ganbench.study import quiet_optuna
+
+        quiet_optuna()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user errors become one line on stderr and exit 2."""
     if argv is None:  # the command line: a SIGTERM while starting up is said, like later
-        from ganbench.recovery import Interrupted
+        from ganbench.signals import Interrupted
 
         def starting_up(signum: int, frame) -> None:
             raise Interrupted(signum)
@@ -718,13 +736,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     from ganbench import provenance
 
     provenance.COMMAND = ["ganbench", *args]  # recorded with what the command makes
+    _own_process(args)
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="ganbench", standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns 130 for any interrupt here
             if code == 130:
-                from ganbench.recovery import Interrupted
+                from ganbench.signals import Interrupted
 
                 signum = Interrupted.last or signal.SIGINT  # 143 when it was a SIGTERM
                 print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
@@ -743,7 +762,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             os._exit(2)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort) as exc:
-        from ganbench.recovery import exit_code
+        from ganbench.signals import exit_code
 
         cause = exc.__cause__ or exc  # click turns a KeyboardInterrupt into Abort
         print(f"interrupted ({cause})" if str(cause) else "interrupted", file=sys.stderr)

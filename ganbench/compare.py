@@ -10,16 +10,12 @@ without training.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -29,21 +25,25 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ganbench import provenance, workers
-from ganbench.config import TrainConfig
-from ganbench.errors import GanbenchError, NoStudy
-from ganbench.metrics import METRICS
-from ganbench.recovery import (
-    Interrupted,
+from ganbench import provenance, worker
+from ganbench.accounting import (
+    INTERRUPTED,
+    WORKER_DIED,
+    budget_spent,
     compute_spent,
     count_trials,
     is_counted,
     recover_dead_workers,
+    trials_that_fit,
 )
+from ganbench.config import TrainConfig
+from ganbench.errors import GanbenchError, NoStudy
+from ganbench.metrics import METRICS
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
 from ganbench.study import EXPORT, export_studies, get_storage, open_study, run_dir
-from ganbench.sweep import budget_spent
+from ganbench.supervisor import Supervisor, WorkerDied
 from ganbench.train import save_checkpoint
+from ganbench.trial import kept_locally
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,7 +102,7 @@ def heldout_configs(spec: CompareSpec, study: StudySpec, params: dict[str, Any],
                     device: str, seeds: Sequence[int]) -> list[TrainConfig]:
     """The held-out runs of a configuration: its trainer configs on ``seeds``, scored on
     the held-out evaluation sample (``heldout_eval_seed``), not the one tuning chose on."""
-    from ganbench.sweep import seed_configs
+    from ganbench.trial import seed_configs
 
     configs = seed_configs(study, params, device, seeds)
     for config in configs:
@@ -125,11 +125,11 @@ def _train_heldout(args: tuple[str, str, dict[str, Any], list[int], str, int]
     (seed repeats have one shape: the ideal batch). Every member draws from its own
     seed's streams on every device, so a seed's result depends neither on the seeds
     trained beside it nor on resumes."""
+    from ganbench.files import points
     from ganbench.population import train_population
-    from ganbench.report import points
 
     compare_json, study_json, params, seeds, device, threads = args
-    workers.set_threads(device, threads)
+    worker.set_threads(device, threads)
     spec = CompareSpec.model_validate_json(compare_json)
     study = StudySpec.model_validate_json(study_json)
     configs = heldout_configs(spec, study, params, device, seeds)
@@ -143,7 +143,7 @@ def _train_heldout(args: tuple[str, str, dict[str, Any], list[int], str, int]
         if result.samples.numel():
             row["samples"] = points(result.samples)
         if result.generator is not None:  # kept beside a local study, else for MLflow alone
-            folder = run_dir(study) / "heldout" if study.storage is None else \
+            folder = run_dir(study) / "heldout" if kept_locally(study) else \
                 Path(tempfile.mkdtemp(prefix="ganbench-"))
             path = save_checkpoint(folder / f"seed-{seed}.pt", result, study=study.name,
                                    seed=seed)
@@ -210,29 +210,23 @@ class TuneJob:
     train and tell (one population in population mode, else one after another)."""
 
     spec_json: str                 # the arm's StudySpec as JSON
-    trial_ids: list[int]
+    trials: list[int]              # their numbers
     population: bool               # train the trials as one population
     device: str = "cpu"
     threads: int = 1
     tracking: Any = None           # a tracking.TrackingHandle, or None
-    supervisor: int = 0            # pid of the comparison's process
-
-
-_watching: list[int] = []          # the supervisor this pool process already watches
 
 
 def _tune(job: TuneJob) -> int:
     """Worker: train and tell the job's trials. SIGINT or SIGTERM marks them interrupted
-    (re-queued with their parameters) and ends the job quietly; returns trials run."""
-    import optuna
+    (re-queued with their parameters) and ends the job with KeyboardInterrupt; returns
+    trials run."""
+    from ganbench import optuna_adapter as oa
+    from ganbench.accounting import Heartbeat, fail_trial
+    from ganbench.signals import stop_on_signals
+    from ganbench.trial import run_population, run_trial
 
-    from ganbench.recovery import Heartbeat, stop_on_signals
-    from ganbench.sweep import run_population, run_trial
-
-    if job.supervisor and job.supervisor not in _watching:  # one watcher per process
-        workers.watch_parent(job.supervisor)
-        _watching.append(job.supervisor)
-    workers.set_threads(job.device, job.threads)
+    worker.set_threads(job.device, job.threads)
     spec = StudySpec.model_validate_json(job.spec_json)
     study = open_study(spec)
     tracker = None
@@ -240,11 +234,10 @@ def _tune(job: TuneJob) -> int:
         from ganbench.tracking import Tracker
 
         tracker = Tracker.attach(job.tracking)
-    trials = [optuna.trial.Trial(study, trial_id) for trial_id in job.trial_ids]
-    for trial_id in job.trial_ids:  # a dead worker's trials are recovered by its pid
-        study._storage.set_trial_user_attr(trial_id, "pid", os.getpid())
+    trials = [oa.live_trial(study, number) for number in job.trials]
+    for trial in trials:  # a dead worker's trials are recovered by its pid
+        trial.set_user_attr("pid", os.getpid())
     stop = threading.Event()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with stop_on_signals(stop), Heartbeat(study).beating(*trials):
             if job.population:
@@ -256,27 +249,24 @@ def _tune(job: TuneJob) -> int:
                 run_trial(study, trial, spec, job.device, tracker, stop.is_set)
             return len(trials)
     except KeyboardInterrupt:
-        from ganbench.sweep import _interrupted
-
         for trial in trials:  # those not started yet (a started one marked itself)
-            if not study._storage.get_trial(trial._trial_id).state.is_finished():
-                _interrupted(study, trial, None)
-        # The comparison is stopping: leave the pool now (a pool process would otherwise
-        # wait for its next task, and the pool's terminate for it).
-        sys.stdout.flush()
-        os._exit(0)
+            fail_trial(study, trial, INTERRUPTED, "interrupted (Ctrl-C) before it trained")
+        raise
 
 
 def ask_batch(study, study_spec: StudySpec, size: int) -> list[Any]:
-    """Ask and sample the arm's next ``size`` trials in order, in this process: trial n's
-    parameters depend on the spec's seed, the arm, the target, n and the trials told
-    before the batch, never on which worker trains it or when."""
-    from ganbench.recovery import local_lock
-    from ganbench.sweep import ask_indexed, sample
+    """Ask and sample the arm's next trials in order, in this process, as many of ``size``
+    as its total and budget allow (``trials_that_fit``): trial n's parameters depend on the
+    spec's seed, the arm, the target, n and the trials told before the batch, never on
+    which worker trains it or when."""
+    from ganbench.accounting import local_lock
+    from ganbench.trial import ask_indexed, sample
 
     asked = []
     with local_lock(run_dir(study_spec)):
         for _ in range(size):
+            if not trials_that_fit(study_spec, study.get_trials(deepcopy=False), 1):
+                break
             trial = ask_indexed(study, study_spec)
             sample(study, trial, study_spec)
             asked.append(trial)
@@ -318,20 +308,16 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
 
     Every arm's study asks ``spec.batch`` trials at a time in this process, in order,
     and asks the next batch once the workers have told all of them; the jobs of all arms
-    share one pool of workers (one per device), so workers stay busy while each arm tunes
-    in batches. Which configurations an arm tries therefore depends on neither the number
-    of workers nor their timing, nor on an interruption and resume. ``studies``: the arms'
-    studies already opened, in target × arm order.
+    share one set of workers (one per device) under the supervisor, so workers stay busy
+    while each arm tunes in batches. Which configurations an arm tries therefore depends on
+    neither the number of workers nor their timing, nor on an interruption and resume.
+    ``studies``: the arms' studies already opened, in target × arm order.
+
+    Signals and dead workers are handled as in a sweep: a stop marks and re-queues the
+    running trials (exit 130/143); a worker that dies has its trials re-queued, and the
+    comparison stops with a one-line error once the other jobs are in ("rerun to continue").
     """
-    import queue
-
     say = on_step or (lambda line: None)
-
-    def terminated(signum: int, frame) -> None:  # SIGTERM stops a comparison as Ctrl-C does
-        raise Interrupted(signum)
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminated) if main else None
     every = units(spec)
     if studies is None:
         studies = [open_study(spec.arm_study(t, arm, r)) for t, r, arm in every]
@@ -342,53 +328,57 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
     for a in arms:
         if spec.arms[a.name].source:
             a.source = by_unit[(a.target.name, a.replicate, spec.arms[a.name].source)]
-    done: queue.Queue = queue.Queue()
     ready: list[tuple[_Arm, Callable, Any]] = []   # (arm, function, job without a device)
-    free = list(devices)
+    died: list[str] = []
+
+    def recover(kind: str) -> None:
+        for a in arms:
+            recover_dead_workers(a.study, a.tracker.end_lost if a.tracker else None, kind=kind)
+
     try:
-        # One pool of worker processes for the whole comparison: starting processes costs
-        # seconds, far more than a smoke-sized trial. Leaving it terminates its workers,
-        # which mark their running trials first.
-        with mp.get_context("spawn").Pool(len(devices)) as pool:
+        with Supervisor(devices, on_stop=lambda: recover(INTERRUPTED)) as workers:
             while not all(a.phase == "done" for a in arms):
-                for a in arms:
-                    if a.pending == 0 and a.phase != "done":
-                        ready += [(a, fn, job) for fn, job in _advance(
-                            spec, a, heldout_seeds(spec, a.replicate), say)]
-                while ready and free:
-                    a, fn, job = ready.pop(0)
-                    device = free.pop(0)
-                    job = _on_device(job, device, devices)
-                    pool.apply_async(fn, (job,),
-                                     callback=lambda out, a=a, d=device: done.put((a, d, out)),
-                                     error_callback=lambda exc, a=a, d=device: done.put(
-                                         (a, d, exc)))
-                if not any(a.pending for a in arms):
-                    continue
-                while True:  # in steps, so that a signal is acted on at once
-                    with contextlib.suppress(queue.Empty):
-                        a, device, out = done.get(timeout=0.5)
+                if not died:  # after a death: only the jobs in flight are awaited
+                    for a in arms:
+                        if a.pending == 0 and a.phase != "done":
+                            ready += [(a, fn, job) for fn, job in _advance(
+                                spec, a, heldout_seeds(spec, a.replicate), say)]
+                    for i in workers.idle():
+                        if not ready:
+                            break
+                        a, fn, job = ready.pop(0)
+                        workers.submit(i, fn, _on_device(job, devices[i], devices), a)
+                if not workers.busy():
+                    if died or not any(a.pending for a in arms):
                         break
-                free.append(device)
-                a.pending -= 1
-                if isinstance(out, BaseException):
-                    raise out
-                if a.phase == "heldout":
-                    _store_heldout(spec, a, out)
+                    continue
+                for done in workers.wait(0.5):
+                    a = done.tag
+                    a.pending -= 1
+                    if isinstance(done.error, WorkerDied):
+                        died.append(str(done.error))
+                    elif done.error is not None:
+                        raise done.error
+                    elif a.phase == "heldout":
+                        _store_heldout(spec, a, done.value)
     except KeyboardInterrupt as exc:  # every arm's run still open ends, KILLED with the reason
         for a in arms:
             if a.tracker and a.phase != "done":
                 a.tracker.end("KILLED", tags={"status": f"interrupted ({exc or 'SIGINT'})"})
         raise
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+    if died:
+        recover(WORKER_DIED)
+        for a in arms:
+            if a.tracker and a.phase != "done":
+                a.tracker.end("FAILED", tags={"status": "a worker died"})
+        raise GanbenchError(f"{'; '.join(died)} before the comparison finished (its trials "
+                            "were re-queued); rerun to continue")
     return [a.result for a in arms]
 
 
 def _on_device(job: Any, device: str, devices: Sequence[str]) -> Any:
     """A job placed on ``device``, its CPU threads the cores shared out among the workers."""
-    threads = workers.population_threads(list(devices).count("cpu"))
+    threads = worker.population_threads(list(devices).count("cpu"))
     if isinstance(job, TuneJob):  # one trial at a time: one thread (processes beat threads)
         return dataclasses.replace(job, device=device, threads=threads if job.population
                                    else 1)
@@ -406,20 +396,19 @@ def _advance(spec: CompareSpec, a: _Arm, seeds: list[int], say: Callable[[str], 
         tracker = a.tracker
         recover_dead_workers(a.study, tracker.end_lost if tracker else None)
         trials = a.study.get_trials(deepcopy=False)
-        if not tuning_done(a.study_spec, trials):
-            counted, _ = count_trials(trials)
-            asked = ask_batch(a.study, a.study_spec,
-                              min(spec.batch, a.study_spec.trials - counted))
+        counted, _ = count_trials(trials)
+        asked = [] if tuning_done(a.study_spec, trials) else \
+            ask_batch(a.study, a.study_spec, min(spec.batch, a.study_spec.trials - counted))
+        if asked:
             a.asked += len(asked)
             say(f"{a.label}: tuning ({_tuning_progress(spec, trials)} done), "
                 f"trials {', '.join(str(t.number) for t in asked)}")
             population = a.study_spec.execution.mode == "population"
             base = TuneJob(a.study_spec.model_dump_json(), [], population,
-                           tracking=tracker.handle if tracker else None,
-                           supervisor=os.getpid())
+                           tracking=tracker.handle if tracker else None)
             groups = [asked] if population else [[t] for t in asked]
             a.pending = len(groups)
-            return [(_tune, dataclasses.replace(base, trial_ids=[t._trial_id for t in g]))
+            return [(_tune, dataclasses.replace(base, trials=[t.number for t in g]))
                     for g in groups]
         say(f"{a.label}: tuning done ({_tuning_progress(spec, trials)})" if a.asked else
             f"{a.label}: tuning ({_tuning_progress(spec, trials)} done)")
@@ -466,8 +455,8 @@ def _store_heldout(spec: CompareSpec, a: _Arm, finished: list[tuple[int, dict[st
                    ) -> None:
     """Store a held-out job's results in the arm's study as each finishes (resumable)."""
     for seed, out in finished:
-        # A temporary generator file (database storage) goes to MLflow, then away.
-        temporary = out.pop("checkpoint", None) if a.study_spec.storage is not None else None
+        # A temporary generator file (database storage, tracked) goes to MLflow, then away.
+        temporary = None if kept_locally(a.study_spec) else out.pop("checkpoint", None)
         a.study.set_user_attr(f"eval.{seed}", out)
         a.seeds[seed] = out
         if a.tracker:
@@ -1225,7 +1214,7 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     check_spec(first, spec.name)
     for target, r, arm in units(spec):  # a changed definition is refused before any start
         _open_arm(spec, target, arm, replicate=r)
-    device_list = workers.default_devices(spec.workers, devices)
+    device_list = worker.default_devices(spec.workers, devices)
     root = None
     if spec.tracking is not False:
         from ganbench.tracking import Tracker, check_reachable, resolve_uri
@@ -1237,7 +1226,7 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     entry = provenance.collect(
         logged(spec), device_list, {_unit_name(t.name, arm, r): spec.arm_sampler(t, arm, r).seed
                                     for t, r, arm in units(spec) if spec.tuned(arm)},
-        workers.population_threads(device_list.count("cpu")))
+        worker.population_threads(device_list.count("cpu")))
     studies = [open_study(spec.arm_study(t, arm, r)) for t, r, arm in units(spec)]
     for study in studies:
         provenance.record(study, entry)

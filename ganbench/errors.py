@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterator
 
 # A URL in free text, up to whitespace or a quote; password-like query values in it.
 _URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"]+")
@@ -117,3 +117,12 @@ def lookup(registry: dict, name: str, kind: str, field: str | None = None):
         choices = ", ".join(sorted(registry))
         raise GanbenchError(f"unknown {kind} {name!r}; choose one of: {choices}",
                             field or kind) from None
+
+
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what caused it (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -1,4 +1,8 @@
-"""Files written whole or not at all: every report, export and checkpoint goes through here.
+"""The bottom I/O layer: files written whole or not at all, JSON, and plot points.
+
+Every report, export and checkpoint goes through here. Nothing here imports torch,
+matplotlib or Optuna, so a worker process that stores a trial's points loads none of the
+report's libraries.
 
 ``atomic(path)`` yields a temporary name beside ``path``; on success it replaces ``path`` in
 one step, on any error (a full disk, a kill signal, a bug) the temporary file is removed
@@ -8,9 +12,13 @@ and ``path`` is as it was.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+PLOT_POINTS = 500  # samples kept per trial (and of the target) for the report's scatters
 
 
 @contextlib.contextmanager
@@ -69,3 +77,25 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def json_ready(value: Any) -> Any:
+    """Replace non-finite floats by None (JSON has no inf/NaN)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented JSON (non-finite floats as null), whole or not at all."""
+    atomic_write_text(path, json.dumps(json_ready(data), indent=2) + "\n")
+
+
+def points(x: Any) -> list[list[float]]:
+    """The first PLOT_POINTS samples' first two coordinates, rounded (for JSON storage);
+    ``x`` is a tensor or array of shape [n, d]."""
+    return [[round(float(v), 4) for v in row[:2]] for row in x[:PLOT_POINTS].tolist()]

@@ -3,38 +3,35 @@
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ganbench.files import atomic, atomic_write_text  # noqa: E402,F401
-from ganbench.metrics import METRICS, pruning_metric  # noqa: E402
+from ganbench.files import atomic, atomic_write_text, write_json
+from ganbench.metrics import METRICS, pruning_metric
 
 if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
     import pandas as pd
 
 
-def json_ready(value: Any) -> Any:
-    """Replace non-finite floats by None (JSON has no inf/NaN)."""
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True
+              ) -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot, no backend chosen for the process) and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(json_ready(data), indent=2) + "\n")
+def _close(fig: Any = "all") -> None:
+    """Close pyplot's figures (Optuna's plots are made through pyplot)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def plot_samples(
@@ -66,7 +63,7 @@ def save_samples_png(
     centers: np.ndarray | None = None, title: str = "",
 ) -> None:
     """One scatter of generated over target samples, written atomically as PNG."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _subplots(figsize=(4.5, 4.5))
     plot_samples(ax, samples, reference, centers, title)
     ax.legend(loc="upper right", fontsize=7, markerscale=3)
     _save(fig, path)
@@ -80,7 +77,7 @@ def save_samples_grid(
     n = max(len(panels), 1)
     cols = min(columns, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (samples, reference, centers, title) in zip(axes.flat, panels):
@@ -98,20 +95,10 @@ def _save(fig: "plt.Figure", path: str | os.PathLike) -> None:
         with atomic(path) as tmp:
             fig.savefig(tmp, dpi=110)
     finally:
-        plt.close(fig)
+        _close(fig)
 
 
 # ---------------------------------------------------------------- trial tables
-PLOT_POINTS = 500  # samples kept per trial (and of the target) for the report's scatters
-
-
-def points(x: Any) -> list[list[float]]:
-    """The first PLOT_POINTS samples' first two coordinates, rounded (for JSON storage);
-    ``x`` is a tensor or array of shape [n, d]."""
-    return [[round(float(v), 4) for v in row[:2]] for row in x[:PLOT_POINTS].tolist()]
-
-
-
 def trials_frame(trials: Sequence[Any], objectives: Sequence[tuple[str, str]],
                  pareto: Sequence[int] = ()) -> "pd.DataFrame":
     """One row per finished trial (COMPLETE, PRUNED, FAIL): COMPLETE trials first, best
@@ -244,10 +231,10 @@ def study_plots(study: Any, objectives: Sequence[tuple[str, str]], params: Seque
                 warnings.simplefilter("ignore")
                 fig = _figure(make())
         except Exception:  # too few trials or no varying parameter: skip this plot
-            plt.close("all")
+            _close()
             continue
         if not fig.axes or not any(ax.has_data() for ax in fig.axes):
-            plt.close(fig)
+            _close(fig)
             continue
         if filename != "slices.png":
             fig.set_size_inches(8, 5)
@@ -501,7 +488,7 @@ def compare_boxplots(runs: "pd.DataFrame", metric: str, path: Path) -> None:
     """Box plot of one metric: one panel per target, one box per arm (points overlaid,
     coloured by tuning replicate)."""
     targets = list(dict.fromkeys(runs["target"]))
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
+    fig, axes = _subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
     for ax, target in zip(axes[0], targets):
         sub = runs[runs["target"] == target]
         arms = list(dict.fromkeys(sub["arm"]))
@@ -524,7 +511,7 @@ def expected_best_plot(expected: "pd.DataFrame", metric: str, path: Path) -> Non
     """Expected best objective against the tuning budget, one panel per target, one line
     and ± 1 s.d. band per arm (Dodge et al. 2019)."""
     targets = list(dict.fromkeys(expected["target"]))
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
+    fig, axes = _subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False)
     for ax, target in zip(axes[0], targets):
         sub = expected[expected["target"] == target]
         for arm, rows in sub.groupby("arm", sort=False):

@@ -17,12 +17,18 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
+from ganbench.accounting import retry_callback
 from ganbench.errors import GanbenchError, NoStudy, SpecError, redact, register_secret_url
 from ganbench.files import atomic_write_bytes
-from ganbench.recovery import exception_chain, retry_callback
+from ganbench.optuna_adapter import ResilientRDBStorage
 from ganbench.spec import PRUNERS, SAMPLERS, StudySpec, derive_seed
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+def quiet_optuna() -> None:
+    """Keep Optuna's per-study and per-trial INFO lines off the console: ganbench reports
+    trials itself. Called by the processes ganbench owns (the CLI, its workers), never on
+    import, so a program that uses ganbench as a library keeps its own logging."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # ---------------------------------------------------------------- samplers and pruners
@@ -104,66 +110,6 @@ def _sqlalchemy_url(url: str) -> str:
     if url.startswith("postgresql://"):
         return "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return url
-
-
-# How long a database call waits for its server to come back (a restart, a failover).
-OUTAGE_PATIENCE = 300.0
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """Is ``exc`` a lost or refused database connection (not a bad query)?"""
-    import sqlalchemy.exc
-
-    return any(isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
-               or (isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated)
-               for e in exception_chain(exc))
-
-
-class ResilientRDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDBStorage whose calls wait out a database restart: a call that cannot
-    reach the server is retried with backoff for up to OUTAGE_PATIENCE seconds (SQLAlchemy's
-    ``pool_pre_ping`` then replaces the dead connections). Each outage is said in one line
-    when it starts and one when it ends."""
-
-    say: Callable[[str], None] = staticmethod(lambda line: print(line, flush=True))
-
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(optuna.storages.RDBStorage, name)
-        start, delay = None, 0.25
-        while True:
-            try:
-                out = method(self, *args, **kwargs)
-            except Exception as exc:
-                if not _unreachable(exc):
-                    raise
-                now = time.monotonic()
-                if start is None:
-                    start = now
-                    self.say(f"storage {redact(self.url)} unreachable ({type(exc).__name__}); "
-                             f"retrying for up to {OUTAGE_PATIENCE:g} s")
-                if now - start > OUTAGE_PATIENCE:
-                    raise
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
-                continue
-            if start is not None:
-                self.say(f"storage reachable again after {time.monotonic() - start:.1f} s")
-            return out
-
-
-for _name in ("create_new_study", "delete_study", "set_study_user_attr",
-              "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id",
-              "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-              "get_all_studies", "create_new_trial", "set_trial_param",
-              "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
-              "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-              "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials",
-              "get_n_trials", "get_best_trial", "record_heartbeat", "_get_trials",
-              "_get_stale_trial_ids",
-              # what Optuna's trial cache calls on the storage behind it (ask, suggest, best)
-              "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
-    setattr(ResilientRDBStorage, _name,
-            (lambda name: lambda self, *a, **k: self._call(name, *a, **k))(_name))
 
 
 def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseStorage:
@@ -435,7 +381,7 @@ def reference_points(spec: StudySpec) -> dict[str, Any]:
     study so reports can draw scatters from the storage alone."""
     import torch
 
-    from ganbench.report import PLOT_POINTS, points
+    from ganbench.files import PLOT_POINTS, points
     from ganbench.targets import get_target
 
     target = get_target(spec.target.name, **spec.target.params())

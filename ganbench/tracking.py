@@ -27,14 +27,18 @@ from ganbench.errors import GanbenchError
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_SECONDS = 30.0  # curves of a running trial reach MLflow at least this often
 
-# A tracking server that went away must not stall training in long retry loops.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-# MLflow prints "View run … at <tracking URL>" whenever a run ends: it breaks the progress
-# display, and would print the credentials of a tracking URL that carries them.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line output
+# MLflow's settings ganbench uses unless the user set them: applied when ganbench first
+# talks to MLflow (not at import), to this process's environment, where MLflow reads them.
+MLFLOW_DEFAULTS = {
+    # A tracking server that went away must not stall training in long retry loops.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow prints "View run … at <tracking URL>" whenever a run ends: it breaks the
+    # progress display, and would print the credentials of a tracking URL that has them.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one-line output
+}
 
 
 def _client(uri: str):
@@ -42,6 +46,8 @@ def _client(uri: str):
     (database migrations) and the tracebacks it logs for a failed call (a full disk: eight
     of them), which ganbench reports itself, in one line per event. The levels are set
     after the import because importing mlflow configures its loggers."""
+    for key, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from mlflow.tracking import MlflowClient
 
     for name in ("mlflow", "alembic"):

@@ -148,8 +148,8 @@ def _verify_study(folder: Path, entry: dict[str, Any], runs: int | None) -> list
     from ganbench.population import train_population
     from ganbench.spec import StudySpec
     from ganbench.study import EXPORT, import_studies
-    from ganbench.sweep import seed_configs
     from ganbench.train import train
+    from ganbench.trial import seed_configs
 
     spec = StudySpec.model_validate(_spec_data(entry))
     if not (folder / EXPORT).is_file():

@@ -355,13 +355,14 @@ def test_a_compute_budget_and_population_tuning(tmp_path):
     proc = ganbench("compare", str(path), "--workers", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(tmp_path / "reports/cmp/compare.csv")
-    # 40 G steps per trial: tuning stops once 100 are spent, a population of 2 at a time.
-    assert set(table["tune_g_steps"]) == {160} and set(table["tune_trials"]) == {4}
+    # 40 G steps per trial, a population of 2 at a time: a budget of 100 holds two trials;
+    # a third would overshoot it (120), so it is never asked.
+    assert set(table["tune_g_steps"]) == {80} and set(table["tune_trials"]) == {2}
     for arm in COMPARE["arms"]:
         trials = arm_study(tmp_path, arm).get_trials()
         assert {t.user_attrs["execution"] for t in trials} == {"population"}
     status = ganbench("status", str(path), cwd=tmp_path)
-    assert status.stdout.count("160/100 g steps") == 3
+    assert status.stdout.count("80/100 g steps") == 3
 
 
 @pytest.mark.slow
@@ -512,3 +513,50 @@ def test_held_out_seeds_train_in_two_fixed_populations():
 
     assert heldout_groups([1000, 1001, 1002, 1003, 1004]) == [[1000, 1002, 1004], [1001, 1003]]
     assert heldout_groups([1000]) == [[1000]]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_tuning_is_named_and_the_rerun_ends_exact(tmp_path):
+    """A comparison runs under the sweep's supervisor: a worker killed with SIGKILL while
+    it trains a tuning trial ends the comparison with one line naming it (exit 2, "rerun to
+    continue"); the trial is failed uncounted and its parameters re-queued, and the rerun
+    ends with exactly the budget of counted trials per arm."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from optuna.trial import TrialState
+
+    from ganbench.accounting import WORKER_DIED, is_counted
+    from tests.conftest import cli_env
+
+    write(tmp_path, budget=3, eval_seeds=2, arms={"plain": {}, "pacgan2": COMPARE["arms"][
+        "pacgan2"]}, train={"steps": 2000, "eval_every": 500, "eval_samples": 256,
+                            "batch_size": 64})
+    proc = subprocess.Popen([sys.executable, "-m", "ganbench", "compare", "cmp.yaml",
+                             "--workers", "2"], cwd=tmp_path, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, victim = time.time() + 120, None
+    while victim is None:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.5)
+        if (tmp_path / "runs").exists() and any((tmp_path / "runs").glob("*/optuna.log")):
+            with_pid = [t for t in arm_study(tmp_path, "plain").get_trials()
+                        if t.state == TrialState.RUNNING and "device" in t.user_attrs]
+            victim = with_pid[0] if with_pid else None
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert "died (killed by SIGKILL)" in err and "rerun to continue" in err
+    lost = arm_study(tmp_path, "plain").get_trials()[victim.number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == WORKER_DIED
+    again = ganbench("compare", "cmp.yaml", "--workers", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    for arm in ("plain", "pacgan2"):
+        trials = arm_study(tmp_path, arm).get_trials()
+        assert sum(is_counted(t) for t in trials) == 3
+    retried = [t for t in arm_study(tmp_path, "plain").get_trials()
+               if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retried) == 1 and retried[0].params == victim.params and is_counted(retried[0])

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from ganbench.recovery import count_trials
+from ganbench.accounting import count_trials
 from ganbench.spec import StudySpec
 from ganbench.study import get_storage
 from tests.conftest import TINY, cli_env, write_spec

@@ -5,12 +5,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ganbench import sweep
-from ganbench.recovery import TRIAL_FAULT, WORKER_DIED, count_trials, recover_dead_workers
+from ganbench import trial as trial_mod
+from ganbench import worker
+from ganbench.accounting import TRIAL_FAULT, WORKER_DIED, count_trials, recover_dead_workers
 from ganbench.report import trials_frame
 from ganbench.spec import load_spec
 from ganbench.study import get_storage, open_study
-from tests.conftest import ganbench, write_spec
+from tests.conftest import TINY, ganbench, write_spec
+
+TINY_SEARCH = TINY["search"]
 
 
 def states(study):
@@ -20,7 +23,7 @@ def states(study):
 def test_suggest_maps_the_space_onto_trainer_fields(in_tmp):
     spec = load_spec(write_spec(in_tmp))
     trial = optuna.trial.FixedTrial({"lr_g": 1e-3, "lr_d": 2e-3, "hidden": 32})
-    params = sweep.suggest(trial, spec)
+    params = trial_mod.suggest(trial, spec)
     config = spec.trial_config(params, seed=2)
     assert (config.lr_g, config.lr_d, config.hidden, config.seed) == (1e-3, 2e-3, 32, 2)
     assert config.steps == 40 and config.depth == 1
@@ -29,7 +32,7 @@ def test_suggest_maps_the_space_onto_trainer_fields(in_tmp):
 def test_sequential_sweep_completes_exactly_the_total_and_is_deterministic(in_tmp):
     def run(name):
         spec = load_spec(write_spec(in_tmp, name=name))
-        ran = sweep.worker_loop(spec, "cpu", spec.trials)
+        ran = worker.worker_loop(spec, "cpu", spec.trials)
         study = open_study(spec)
         return ran, [(t.params, t.values) for t in study.get_trials()]
 
@@ -45,7 +48,7 @@ def test_pruner_prunes_a_bad_region(in_tmp):
         in_tmp, trials=10, search=space,
         train={"steps": 80, "eval_every": 10, "eval_samples": 256, "batch_size": 64},
         pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 10}))
-    sweep.worker_loop(spec, "cpu", spec.trials)
+    worker.worker_loop(spec, "cpu", spec.trials)
     study = open_study(spec)
     pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert pruned and len(study.get_trials()) == 10
@@ -64,7 +67,7 @@ def test_pruner_prunes_a_bad_region(in_tmp):
 
 def test_a_changed_study_is_refused_naming_the_field(in_tmp):
     path = write_spec(in_tmp, trials=1)
-    sweep.worker_loop(load_spec(path), "cpu", 1)
+    worker.worker_loop(load_spec(path), "cpu", 1)
     for command in ("sweep", "worker", "report", "status"):
         proc = ganbench(command, str(path), "--set", "train.steps=60", "--set",
                         "search.hidden.choices=[16]", cwd=in_tmp)
@@ -85,7 +88,7 @@ def test_diverging_trials_fail_with_reason_and_count(in_tmp):
         train={"steps": 40, "eval_every": 20, "eval_samples": 256, "optimizer": "sgd"},
         search={"lr_g": {"type": "float", "low": 1e5, "high": 1e6, "log": True},
                 "lr_d": {"type": "float", "low": 1e5, "high": 1e6, "log": True}}))
-    sweep.worker_loop(spec, "cpu", spec.trials)
+    worker.worker_loop(spec, "cpu", spec.trials)
     trials = open_study(spec).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     for t in trials:
@@ -102,7 +105,7 @@ def test_multi_objective_yields_a_pareto_table(in_tmp):
         in_tmp, trials=5, objectives=[{"metric": "w1"}, {"metric": "modes"}],
         sampler={"name": "nsga2", "seed": 0, "population_size": 4}))
     assert spec.directions == ["minimize", "maximize"]
-    sweep.worker_loop(spec, "cpu", spec.trials)
+    worker.worker_loop(spec, "cpu", spec.trials)
     study = open_study(spec)
     front = [t.number for t in study.best_trials]
     frame = trials_frame(study.get_trials(), [("w1", "minimize"), ("modes", "maximize")], front)
@@ -123,7 +126,7 @@ def test_multi_objective_report_has_the_pareto_front(in_tmp):
     spec = load_spec(write_spec(
         in_tmp, trials=4, objectives=[{"metric": "w1"}, {"metric": "modes"}],
         sampler={"name": "nsga2", "seed": 0, "population_size": 4}))
-    sweep.worker_loop(spec, "cpu", spec.trials)
+    worker.worker_loop(spec, "cpu", spec.trials)
     files = write_study_report(open_study(spec), [("w1", "minimize"),
                                                         ("modes", "maximize")],
                                list(spec.search), in_tmp / "out")
@@ -134,7 +137,7 @@ def test_multi_objective_report_has_the_pareto_front(in_tmp):
 
 def test_seed_repeats_are_averaged_and_kept(in_tmp):
     spec = load_spec(write_spec(in_tmp, trials=1, seeds=3))
-    sweep.worker_loop(spec, "cpu", spec.trials)
+    worker.worker_loop(spec, "cpu", spec.trials)
     (trial,) = open_study(spec).get_trials()
     per_seed = trial.user_attrs["seed_metrics"]
     assert len(per_seed) == 3 and len({s["w1"] for s in per_seed}) == 3
@@ -145,7 +148,7 @@ def test_a_dead_local_workers_trial_is_failed_and_retried(in_tmp):
     spec = load_spec(write_spec(in_tmp, trials=2))
     study = open_study(spec)
     trial = study.ask()
-    sweep.suggest(trial, spec)
+    trial_mod.suggest(trial, spec)
     dead = subprocess.Popen(["true"])
     dead.wait()
     trial.set_user_attr("host", socket.gethostname())
@@ -154,7 +157,7 @@ def test_a_dead_local_workers_trial_is_failed_and_retried(in_tmp):
     lost = study.get_trials()[0]
     assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == WORKER_DIED
     assert count_trials(study.get_trials()) == (0, 0)  # a lost trial does not count
-    sweep.worker_loop(spec, "cpu", spec.trials)
+    worker.worker_loop(spec, "cpu", spec.trials)
     trials = study.get_trials()
     assert count_trials(trials) == (2, 0) and len(trials) == 3
     retry = trials[1]
@@ -274,7 +277,7 @@ def test_service_failures_are_not_the_trials_fault():
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
-    from ganbench.recovery import is_infrastructure
+    from ganbench.accounting import is_infrastructure
 
     def raised(make):
         try:
@@ -298,8 +301,8 @@ def test_a_trial_failed_by_a_service_is_requeued_not_counted(tmp_path):
     from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
-    from ganbench.recovery import count_trials
-    from ganbench.sweep import _fault
+    from ganbench.accounting import count_trials
+    from ganbench.trial import _fault
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
     study = optuna.create_study(storage=storage, study_name="s")
@@ -322,7 +325,7 @@ def test_a_trial_lost_between_two_suggestions_keeps_what_it_had_sampled(tmp_path
     and samples the rest; a trial lost before sampling anything is not re-queued."""
     from optuna.storages.journal import JournalFileBackend
 
-    from ganbench.recovery import requeue
+    from ganbench.accounting import requeue
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
     study = optuna.create_study(storage=storage, study_name="s",
@@ -361,8 +364,8 @@ def test_a_result_told_after_the_trial_was_failed_elsewhere_is_dropped(tmp_path)
     from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
-    from ganbench.recovery import WORKER_DIED, fail_trial
-    from ganbench.sweep import _conclude
+    from ganbench.accounting import WORKER_DIED, fail_trial
+    from ganbench.trial import _conclude
     from ganbench.train import TrainConfig, train
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
@@ -371,7 +374,7 @@ def test_a_result_told_after_the_trial_was_failed_elsewhere_is_dropped(tmp_path)
     trial.suggest_float("lr_g", 1e-4, 1e-2, log=True)
     result = train(TrainConfig(steps=20, eval_every=10, eval_samples=200, batch_size=64,
                                hidden=16, depth=1))
-    fail_trial(study, study._storage.get_trial(trial._trial_id), WORKER_DIED, "no heartbeat")
+    fail_trial(study, trial, WORKER_DIED, "no heartbeat")
     outcome = _conclude(study, trial, load_spec(write_spec(tmp_path)), [result], None)
     assert outcome.state == TrialState.FAIL and "finished elsewhere" in outcome.reason
     assert study.get_trials()[0].user_attrs["fail_kind"] == WORKER_DIED  # untouched
@@ -383,3 +386,50 @@ def test_a_sweep_with_a_compute_budget_ends_cleanly_at_it(in_tmp):
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="tiny", storage=get_storage(load_spec(spec)))
     assert states(study) == [TrialState.COMPLETE] * 3
+
+
+@pytest.mark.slow
+def test_a_population_never_overshoots_a_compute_budget(in_tmp):
+    """A population asks its trials together; asking reserves each running trial's planned
+    steps, so a budget of 100 G steps with trials of 40 holds two trials, not a population
+    of four (160 steps)."""
+    spec = write_spec(in_tmp, budget={"g_steps": 100}, trials=8,
+                      execution={"mode": "population", "size": 4})
+    proc = ganbench("sweep", str(spec), "--workers", "1", cwd=in_tmp)
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="tiny", storage=get_storage(load_spec(spec)))
+    trials = study.get_trials()
+    assert states(study) == [TrialState.COMPLETE] * 2
+    assert sum(t.user_attrs["g_steps"] for t in trials) == 80 <= 100
+
+
+def test_asking_reserves_the_planned_compute_of_running_trials(in_tmp):
+    """Budget accounting on a real journal study: spent counts finished trials, reserved
+    the running ones (a searched step count at its upper bound until sampled)."""
+    from ganbench.accounting import (
+        budget_spent,
+        compute_reserved,
+        compute_spent,
+        planned_compute,
+        trials_that_fit,
+    )
+
+    train = {k: v for k, v in TINY["train"].items() if k != "steps"}
+    spec = load_spec(write_spec(in_tmp, budget={"d_steps": 500}, trials=10, train=train, search={
+        **TINY_SEARCH, "steps": {"type": "int", "low": 20, "high": 100},
+        "d_steps": {"type": "categorical", "choices": [1, 2]}}))
+    assert planned_compute(spec, None, "d_steps") == 100 * 2   # bounds before sampling
+    assert planned_compute(spec, {"steps": 30, "d_steps": 1}, "d_steps") == 30
+    study = open_study(spec)
+    assert trials_that_fit(spec, study.get_trials(), 10) == 2  # 500 // 200
+    done = study.ask({"steps": optuna.distributions.IntDistribution(20, 100)})
+    done.set_user_attr("d_steps", 120)
+    study.tell(done, 0.5)                                      # spent: 120
+    running = study.ask()                                      # unsampled: reserves 200
+    trials = study.get_trials()
+    assert compute_spent(trials, "d_steps") == 120
+    assert compute_reserved(spec, trials, "d_steps") == 200
+    assert trials_that_fit(spec, trials, 10) == 0 and budget_spent(spec, trials)
+    assert not budget_spent(spec, trials, reserve=False)       # 380 left without it
+    study.tell(running, state=TrialState.FAIL)                 # lost: uncounted, unreserved
+    assert trials_that_fit(spec, study.get_trials(), 10) == 1

@@ -1,28 +1,35 @@
-"""Counting and recovery of trials: which trials count, local locks, heartbeats, dead
-workers, re-queueing.
+"""Trial accounting: which trials count, the compute they spent and reserve, and what
+becomes of trials whose worker is lost (failed uncounted, parameters re-queued).
 
 Counting: a study is done when it holds ``spec.trials`` *counted* trials: COMPLETE, PRUNED,
 and FAIL through the trial's own doing (divergence, an error in training). A trial that failed
 because its worker died or was interrupted does not count; its parameters are re-queued.
+
+Budgets: a compute budget is never overshot. A trial is asked only if the compute spent by
+counted trials, plus the compute *reserved* by running trials (what they use if they run to
+their last step), plus what the new trial may use, fits in the budget. A trial whose steps are
+searched reserves the search's upper bound until it is sampled. Seconds cannot be planned: a
+budget in seconds reserves the mean seconds of the trials counted so far.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import threading
-import time
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-HEARTBEAT_INTERVAL = 30   # default seconds between heartbeats of a running trial (RDB)
-GRACE_PERIOD = 120        # default: a trial silent this long is failed and retried
+from ganbench import optuna_adapter as oa
+from ganbench.errors import exception_chain
+
+if TYPE_CHECKING:
+    from ganbench.spec import StudySpec
+
 MAX_RETRY = 3             # retries of one trial's parameters after worker deaths
 
 # fail_kind user attribute: who is to blame for a FAIL.
@@ -37,73 +44,6 @@ _SERVICE_MODULES = ("sqlalchemy", "psycopg", "psycopg2", "mlflow", "requests", "
                     "optuna.storages")
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stop asked by a signal (SIGINT, SIGTERM); the command exits 128 + ``signum``."""
-
-    last: int | None = None  # the latest stop's signal (what a CLI wrapper may swallow)
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
-        Interrupted.last = self.signum
-
-
-def exit_code(exc: BaseException) -> int:
-    """The conventional exit status of a command stopped by ``exc``: 130 for SIGINT, 143
-    for SIGTERM."""
-    return 128 + getattr(exc, "signum", Interrupted.last or signal.SIGINT)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, received: list[int] | None = None,
-                    on_signal: Callable[[int], None] | None = None) -> Iterator[None]:
-    """SIGINT and SIGTERM set ``stop`` (and append their number to ``received``, and call
-    ``on_signal``) instead of interrupting: the caller stops at its next safe point. Outside
-    the main thread (where handlers cannot be set) this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame) -> None:
-        if received is not None:
-            received.append(signum)
-        stop.set()
-        if on_signal is not None:
-            on_signal(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def watch_parent(parent: int, every: float = 1.0) -> threading.Thread:
-    """Stop this worker (a SIGINT to itself, acted on at its next safe point) once the
-    process ``parent`` is gone, even if it was SIGKILLed: workers never outlive their
-    supervisor."""
-    def watch() -> None:
-        while True:
-            time.sleep(every)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-
-    thread = threading.Thread(target=watch, daemon=True, name="watch-parent")
-    thread.start()
-    return thread
-
-
-def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
-    """``exc`` and what caused it (``__cause__``, else ``__context__``), each once."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def is_infrastructure(exc: BaseException) -> bool:
     """Did ``exc`` (or what caused it) come from the storage or the tracking server?
     Such a failure is not the trial's fault."""
@@ -112,6 +52,7 @@ def is_infrastructure(exc: BaseException) -> bool:
                for e in exception_chain(exc))
 
 
+# ---------------------------------------------------------------- what counts
 def is_counted(trial: FrozenTrial) -> bool:
     """Does this trial count towards the study's total?"""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -126,6 +67,7 @@ def count_trials(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
     return done, running
 
 
+# ---------------------------------------------------------------- compute and budgets
 def compute_spent(trials: Sequence[FrozenTrial], unit: str) -> float:
     """Compute used by the counted trials, in ``unit`` (trials, g_steps, d_steps, seconds;
     each trial records the last three as user attributes)."""
@@ -135,6 +77,65 @@ def compute_spent(trials: Sequence[FrozenTrial], unit: str) -> float:
     return float(sum(t.user_attrs.get(unit, 0) for t in counted))
 
 
+def planned_compute(spec: "StudySpec", params: dict[str, Any] | None, unit: str,
+                    trials: Sequence[FrozenTrial] = ()) -> float:
+    """The compute one trial uses if it runs to its last step, over all its seeds: with
+    ``params`` as sampled, or (None) before sampling, with searched steps and D steps at
+    their upper bounds. Seconds: the mean of the counted ``trials`` (0 before any)."""
+    if unit == "trials":
+        return 1.0
+    if unit == "seconds":
+        seconds = [t.user_attrs.get("seconds", 0.0) for t in trials if is_counted(t)]
+        return float(sum(seconds) / len(seconds)) if seconds else 0.0
+    from ganbench.config import TrainConfig
+    from ganbench.spec import merge_params
+
+    values = merge_params(spec.fixed(), params or {})
+    for key in ("steps", "d_steps"):
+        if params is None and key in spec.search:
+            d = spec.search[key]
+            values[key] = max(d.choices) if d.type == "categorical" else d.high
+    steps = int(values.get("steps", TrainConfig.steps))
+    d_steps = int(values.get("d_steps", TrainConfig.d_steps))
+    return float(spec.seeds * steps * (d_steps if unit == "d_steps" else 1))
+
+
+def compute_reserved(spec: "StudySpec", trials: Sequence[FrozenTrial], unit: str) -> float:
+    """Compute the running trials may still use: their planned compute."""
+    return sum(planned_compute(spec, t.params or None, unit, trials)
+               for t in trials if t.state == TrialState.RUNNING)
+
+
+def trials_that_fit(spec: "StudySpec", trials: Sequence[FrozenTrial], wanted: int) -> int:
+    """How many of ``wanted`` new trials the study may ask now: its total less the counted
+    and running trials, and, with a compute budget, as many as fit in what is neither spent
+    nor reserved."""
+    done, running = count_trials(trials)
+    room = max(0, min(wanted, spec.trials - done - running))
+    if spec.budget is None or room == 0:
+        return room
+    unit = spec.budget.unit
+    left = spec.budget.amount - compute_spent(trials, unit) - \
+        compute_reserved(spec, trials, unit)
+    each = planned_compute(spec, None, unit, trials)
+    fit = room if each <= 0 else int((left + 1e-9) // each)
+    return max(0, min(room, fit))
+
+
+def budget_spent(spec: "StudySpec", trials: Sequence[FrozenTrial], reserve: bool = True
+                 ) -> bool:
+    """Is the study's compute budget (if any) used up: no further trial fits beside what
+    is spent and (``reserve``) reserved by running trials?"""
+    if spec.budget is None:
+        return False
+    unit = spec.budget.unit
+    left = spec.budget.amount - compute_spent(trials, unit)
+    if reserve:
+        left -= compute_reserved(spec, trials, unit)
+    return left <= 0 or planned_compute(spec, None, unit, trials) > left + 1e-9
+
+
+# ---------------------------------------------------------------- lost trials
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str | None = None) -> None:
     """Re-queue a lost trial's parameters (at most MAX_RETRY times per original trial);
     the new trial records which it retries and, if given, why."""
@@ -168,17 +169,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def fail_trial(study: optuna.Study, trial: FrozenTrial, kind: str, reason: str) -> None:
-    """Mark a RUNNING trial FAIL with a reason (and re-queue it unless it was its own fault)."""
-    storage = study._storage
-    storage.set_trial_user_attr(trial._trial_id, "fail_kind", kind)
-    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+def fail_trial(study: optuna.Study, trial: Any, kind: str, reason: str) -> None:
+    """Mark a RUNNING trial (a Trial or FrozenTrial of ``study``) FAIL with a reason, and
+    re-queue its parameters unless the failure was its own fault."""
+    if oa.is_finished(study, trial):  # finished meanwhile by someone else
+        return
     try:
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    except RuntimeError:  # finished meanwhile by someone else
+        oa.set_user_attr(study, trial, "fail_kind", kind)
+        oa.set_user_attr(study, trial, "fail_reason", reason)
+        frozen = study.tell(trial.number, state=TrialState.FAIL)
+    except RuntimeError:  # finished meanwhile (Optuna's errors for it are RuntimeErrors)
         return
     if kind != TRIAL_FAULT:
-        requeue(study, trial)
+        requeue(study, frozen)
 
 
 def recover_dead_workers(study: optuna.Study,
@@ -216,23 +219,14 @@ def local_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
-    """Does ``storage`` keep heartbeats (a database storage, also behind Optuna's cache)?"""
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
-
-
 def fail_stale(study: optuna.Study) -> list[int]:
     """On RDB storages: fail (and re-queue, through the storage's callback) the RUNNING
     trials whose heartbeat is older than the grace period, with Optuna's own machinery.
     Trials are stale only once they have a heartbeat: workers record one at ask time."""
-    if not has_heartbeat(study._storage):
+    if not oa.has_heartbeat(study):
         return []
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with warnings.catch_warnings():  # experimental in Optuna: nothing a user can act on
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
+    oa.fail_stale_trials(study)
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
             if t.number in running and "fail_kind" not in t.user_attrs]
 
@@ -242,24 +236,24 @@ class Heartbeat:
     storage's interval."""
 
     def __init__(self, study: optuna.Study) -> None:
-        storage = study._storage
-        self.storage = storage if has_heartbeat(storage) else None
+        self.study = study if oa.has_heartbeat(study) else None
 
     @contextlib.contextmanager
-    def beating(self, *trials: optuna.Trial) -> Iterator[None]:
-        if self.storage is None:
+    def beating(self, *trials: Any) -> Iterator[None]:
+        if self.study is None:
             yield
             return
         stop = threading.Event()
+        study = self.study
 
         def beat() -> None:
             while not stop.is_set():
                 for trial in trials:
                     with contextlib.suppress(Exception):
-                        self.storage.record_heartbeat(trial._trial_id)
-                stop.wait(self.storage.get_heartbeat_interval() or HEARTBEAT_INTERVAL)
+                        oa.record_heartbeat(study, trial)
+                stop.wait(oa.heartbeat_interval(study))
 
-        thread = threading.Thread(target=beat, daemon=True)
+        thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
         thread.start()
         try:
             yield
