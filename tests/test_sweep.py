@@ -365,8 +365,8 @@ def test_a_result_told_after_the_trial_was_failed_elsewhere_is_dropped(tmp_path)
     from optuna.trial import TrialState
 
     from ganbench.accounting import WORKER_DIED, fail_trial
-    from ganbench.trial import _conclude
     from ganbench.train import TrainConfig, train
+    from ganbench.trial import _conclude
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
     study = optuna.create_study(storage=storage, study_name="tiny")
