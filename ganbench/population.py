@@ -62,17 +62,17 @@ from ganbench.train import (
     score,
     train,
 )
-from ganbench.tricks import build_tricks
+from ganbench.tricks import TRICKS, Trick, build_tricks
 
 log = logging.getLogger(__name__)
 
-# Tricks with a batched form here; the others (instance noise, unrolled D) run through train.
-BATCHED_TRICKS = ("clip", "gp", "r1", "r2", "sn", "gradclip", "smooth", "ema", "pack")
+# Tricks with a batched form (each defines it beside its train hooks, in tricks.py).
+BATCHED_TRICKS = tuple(name for name, cls in TRICKS.items() if cls.batched)
 STREAMS = ("auto", "member", "shared")
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train uses
-# Penalties on D's input gradients differentiate D's backward again: compiled graphs' own
-# backwards cannot be differentiated, so such buckets train eagerly.
-UNCOMPILED_TRICKS = ("gp", "r1", "r2")
+# Penalties on D's input gradients (and unrolled D) differentiate D's backward again:
+# compiled graphs' own backwards cannot be differentiated, so such buckets train eagerly.
+UNCOMPILED_TRICKS = tuple(name for name, cls in TRICKS.items() if cls.double_backward)
 # Compiled programs are cached per function; every bucket, net and grad mode is one entry.
 RECOMPILE_LIMIT = 256
 
@@ -132,11 +132,15 @@ class _Member:
     eval_seconds: float = 0.0
     cost: float = 0.0             # relative cost of one of its generator steps
 
-    def trick(self, name: str, param: str) -> float:
-        """The value of a trick parameter (its default when the config leaves it out)."""
+    def trick_object(self, name: str) -> Trick:
+        """This member's trick ``name`` (with its own parameter values)."""
         if not hasattr(self, "_tricks"):
             self._tricks = {t.name: t for t in build_tricks(self.built.tricks)}
-        return float(getattr(self._tricks[name], param))
+        return self._tricks[name]
+
+    def trick(self, name: str, param: str) -> float:
+        """The value of a trick parameter (its default when the config leaves it out)."""
+        return float(getattr(self.trick_object(name), param))
 
 
 def bucket_key(config: TrainConfig) -> tuple:
@@ -147,7 +151,9 @@ def bucket_key(config: TrainConfig) -> tuple:
     return (str(resolve_device(c.device)), c.dtype, c.target, repr(sorted(c.target_params.items())),
             c.loss, c.activation, tuple(c.widths("g")), tuple(c.widths("d")),
             c.batch_size, c.eval_samples, c.pack, c.spectral_norm, c.g_spectral_norm,
-            c.g_norm, c.pieces, c.update, tuple(sorted(c.tricks)))
+            c.g_norm, c.pieces, c.update, tuple(sorted(c.tricks)),
+            tuple((t.name, p, getattr(t, p)) for t in build_tricks(c.tricks)
+                  for p in t.bucket_params))
 
 
 def _layers(module: nn.Module) -> list[tuple[nn.Linear, nn.BatchNorm1d | None]]:
@@ -204,6 +210,10 @@ class _Bucket:
         self.simultaneous = c.update == "simultaneous"
         self.step = 0  # the generator step being taken (learning-rate schedules)
         self.tricks = set(c.tricks)
+        # The bucket's trick objects apply the tricks' batched hooks (in registry order, as
+        # train); per-member values come from each member's own.
+        self.trick_list = build_tricks(c.tricks)
+        self.eval_net = next((t.eval_net for t in self.trick_list if t.eval_net), "g")
         self.shared = streams == "shared" or (streams == "auto" and self.device.type == "cuda")
         self.compiled = _compiled_mlp(self) if compile else None
         if self.shared:
@@ -245,9 +255,8 @@ class _Bucket:
                 self.T[key].requires_grad_(True)
                 self.T["m." + key] = torch.zeros_like(self.T[key], requires_grad=False)
                 self.T["s." + key] = torch.zeros_like(self.T[key], requires_grad=False)
-        if "ema" in self.tricks:  # the shadow generator starts as a copy of G
-            for key in [k for k in self.T if k.startswith("g.")]:
-                self.T["ema" + key[1:]] = self.T[key].detach().clone()
+        for t in self.trick_list:
+            t.batched_setup(self)
         K = len(members)
         self.T["d_sum"] = torch.zeros(K, device=self.device, dtype=self.dtype)
         self.T["g_sum"] = torch.zeros(K, device=self.device, dtype=self.dtype)
@@ -255,6 +264,12 @@ class _Bucket:
         self.T["g_last"] = torch.zeros(K, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------ per-member values
+    def per_member(self, values: Sequence[float], vector: bool = False
+                   ) -> float | torch.Tensor:
+        """One constant per member: a Python number when all members agree, else a
+        [k, 1, 1] tensor for stacked weights (``vector``: [k], for per-member losses)."""
+        return self.member_vector(values) if vector else self.member_scalar(values)
+
     def member_scalar(self, values: Sequence[float]) -> float | torch.Tensor:
         """One per-member constant: a Python number when all members agree (scalar kernels),
         else a [K, 1, 1] tensor that broadcasts over a stacked weight."""
@@ -346,35 +361,52 @@ class _Bucket:
         return grad.reshape(grad.shape[0], grad.shape[1] // self.c.pack, -1)
 
     # ------------------------------------------------------------ data
-    def draw(self, members: list[_Member], d_step: bool) -> tuple[torch.Tensor, ...]:
-        """Real batch, noise (and GP mixing weights) for ``members``, in ``train``'s order."""
+    def draw(self, members: list[_Member], d_step: bool
+             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Real batch (on D steps) and noise for ``members``, in ``train``'s order (tricks
+        draw theirs after, through ``rand``/``randn``/``sample_real``)."""
         B = self.c.batch_size
-        gp = d_step and "gp" in self.tricks
         kw = {"device": self.device, "dtype": self.dtype}
         if self.shared:
             k = len(members)
-            if not d_step:
-                real = None
-            elif any(m.data is not m.target for m in members):  # fixed pools: one per member
-                real = torch.stack([m.data.sample(B, self.rng) for m in members]).to(self.dtype)
-            else:
-                real = members[0].target.sample(k * B, self.rng).to(self.dtype).view(k, B, -1)
+            real = self.sample_real(members) if d_step else None
             z = torch.randn(k, B, self.nz, generator=self.rng, **kw)
             if any(m.config.noise_dim < self.nz for m in members):
                 z = z * (torch.arange(self.nz, device=self.device)
                          < torch.tensor([m.config.noise_dim for m in members],
                                         device=self.device)[:, None])[:, None, :]
-            eps = torch.rand(k, B, 1, generator=self.rng, **kw) if gp else None
-            return real, z, eps
-        reals, zs, epss = [], [], []
+            return real, z
+        reals, zs = [], []
         for m in members:
             if d_step:
                 reals.append(m.data.sample(B, m.rng).to(self.dtype))
             zs.append(self.pad(torch.randn(B, m.config.noise_dim, generator=m.rng, **kw)))
-            if gp:
-                epss.append(torch.rand(B, 1, generator=m.rng, **kw))
-        return (torch.stack(reals) if d_step else None, torch.stack(zs),
-                torch.stack(epss) if gp else None)
+        return (torch.stack(reals) if d_step else None, torch.stack(zs))
+
+    def sample_real(self, members: list[_Member]) -> torch.Tensor:
+        """A real batch per member, as ``train`` draws one: [k, B, dim]."""
+        B = self.c.batch_size
+        if not self.shared:
+            return torch.stack([m.data.sample(B, m.rng).to(self.dtype) for m in members])
+        if any(m.data is not m.target for m in members):  # fixed pools: one per member
+            return torch.stack([m.data.sample(B, self.rng) for m in members]).to(self.dtype)
+        k = len(members)
+        return members[0].target.sample(k * B, self.rng).to(self.dtype).view(k, B, -1)
+
+    def _draw(self, fn: Callable, members: list[_Member], shape: Sequence[int]
+              ) -> torch.Tensor:
+        kw = {"device": self.device, "dtype": self.dtype}
+        if self.shared:
+            return fn(len(members), *shape, generator=self.rng, **kw)
+        return torch.stack([fn(*shape, generator=m.rng, **kw) for m in members])
+
+    def rand(self, members: list[_Member], shape: Sequence[int]) -> torch.Tensor:
+        """U[0, 1) draws of ``shape`` per member, from its stream: [k, *shape]."""
+        return self._draw(torch.rand, members, shape)
+
+    def randn(self, members: list[_Member], shape: Sequence[int]) -> torch.Tensor:
+        """N(0, 1) draws of ``shape`` per member, from its stream: [k, *shape]."""
+        return self._draw(torch.randn, members, shape)
 
     def pad(self, z: torch.Tensor) -> torch.Tensor:
         """Noise [n, noise_dim] padded with zero columns to the bucket's width."""
@@ -408,74 +440,57 @@ class _Bucket:
                 else:  # addcdiv's order: (value · m) / denom
                     p.add_((step_size * m).div_(denom))
 
-    def clip_grads(self, grads: list[torch.Tensor], members: list[_Member]) -> None:
-        """Per-member gradient-norm clipping, as ``clip_grad_norm_`` does for one net."""
-        max_norm = self.member_scalar([m.trick("gradclip", "max_norm") for m in members])
-        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
-        coef = (max_norm if isinstance(max_norm, float) else max_norm.view(-1)) \
-            / (norms + 1e-6)
-        coef = coef.clamp(max=1.0).view(-1, 1, 1)
-        for g in grads:
-            g.mul_(coef)
-
     # ------------------------------------------------------------ steps
     def d_step(self, T: dict[str, torch.Tensor], members: list[_Member]) -> torch.Tensor:
         """One discriminator update of ``members`` (whose tensors ``T`` holds); returns
         each member's D loss (penalties included) [k]."""
-        real, z, eps = self.draw(members, d_step=True)
+        real, z = self.draw(members, d_step=True)
         with torch.no_grad():
             fake = self.mlp(T, "g", z)
-        loss = self.d_loss(T, members, real, fake, eps)
+        loss = self.d_loss(T, members, real, fake)
         self.d_update(T, members, list(torch.autograd.grad(loss.sum(), self.params(T, "d"))))
         return loss.detach()
 
     def d_loss(self, T: dict[str, torch.Tensor], members: list[_Member], real: torch.Tensor,
-               fake: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        """Each member's D loss on a real and a (detached) generated batch [k]."""
+               fake: torch.Tensor) -> torch.Tensor:
+        """Each member's D loss on a real and a (detached) generated batch [k]: the tricks'
+        inputs, D, the tricks' loss (or the GAN loss) and their penalties, as train."""
+        for t in self.trick_list:
+            real, fake = t.batched_d_inputs(self, members, real, fake, self.step)
         if self.sn["d"]:  # one power iteration per D call, as train calls D twice
             d_real, d_fake = self.disc(T, real), self.disc(T, fake)
         else:
             out = self.disc(T, torch.cat([real, fake], 1))
             d_real, d_fake = out.split(out.shape[1] // 2, 1)
-        if "smooth" in self.tricks:
-            target = self.member_scalar([m.trick("smooth", "real") for m in members])
-            target = torch.full_like(d_real, target) if isinstance(target, float) else \
-                target.view(-1, 1).expand_as(d_real)
-            loss = F.binary_cross_entropy_with_logits(d_real, target, reduction="none") \
-                .mean(-1) + F.softplus(d_fake).mean(-1)
-        else:
-            loss = self.d_loss_fn(d_real, d_fake)
-        if "gp" in self.tricks:
-            grad = self.input_grad(T, eps * real + (1 - eps) * fake)
-            loss = loss + self.member_vector([m.trick("gp", "weight") for m in members]) * \
-                ((grad.norm(dim=-1) - 1) ** 2).mean(-1)
-        for name, x in (("r1", real), ("r2", fake)):
-            if name in self.tricks:
-                grad = self.input_grad(T, x)
-                gamma = self.member_vector([m.trick(name, "gamma") for m in members])
-                loss = loss + 0.5 * gamma * grad.pow(2).sum(-1).mean(-1)
+        loss = next((v for t in self.trick_list
+                     if (v := t.batched_d_loss(self, members, d_real, d_fake)) is not None),
+                    None)
+        loss = self.d_loss_fn(d_real, d_fake) if loss is None else loss
+        for t in self.trick_list:
+            penalty = t.batched_d_penalty(self, T, members, real, fake)
+            if penalty is not None:
+                loss = loss + penalty
         return loss
 
     def d_update(self, T: dict[str, torch.Tensor], members: list[_Member],
                  grads: list[torch.Tensor]) -> None:
-        """Apply D's gradients: clipping, Adam, weight clipping."""
-        if "gradclip" in self.tricks:
-            self.clip_grads(grads, members)
+        """Apply D's gradients: the tricks' before_step, Adam, their after_d_step."""
+        for t in self.trick_list:
+            t.batched_before_step(self, members, grads)
         for m in members:
             m.d_count += 1
         self.adam(T, "d", grads, members)
-        if "clip" in self.tricks:
-            c = self.member_scalar([m.trick("clip", "c") for m in members])
-            with torch.no_grad():
-                for p in self.params(T, "d"):
-                    p.copy_(torch.clamp(p, -c, c) if isinstance(c, float) else
-                            torch.minimum(torch.maximum(p, -c), c))
+        for t in self.trick_list:
+            t.batched_after_d_step(self, T, members)
 
     def g_step(self) -> torch.Tensor:
         """One generator update of every member; returns each member's G loss [K]."""
         T, members = self.T, self.members
-        _, z, _ = self.draw(members, d_step=False)
-        loss = self.g_loss_fn(self.disc(T, self.mlp(T, "g", z)))
+        _, z = self.draw(members, d_step=False)
+        fake = self.mlp(T, "g", z)
+        logits = next((v for t in self.trick_list
+                       if (v := t.batched_g_logits(self, T, fake)) is not None), None)
+        loss = self.g_loss_fn(self.disc(T, fake) if logits is None else logits)
         self.g_update(list(torch.autograd.grad(loss.sum(), self.params(T, "g"))))
         return loss.detach()
 
@@ -483,9 +498,9 @@ class _Bucket:
         """Simultaneous updates of every member: D and G from one batch and the same
         weights; returns each member's D and G losses ([K] each)."""
         T, members = self.T, self.members
-        real, z, eps = self.draw(members, d_step=True)
+        real, z = self.draw(members, d_step=True)
         fake = self.mlp(T, "g", z)
-        d_loss = self.d_loss(T, members, real, fake.detach(), eps)
+        d_loss = self.d_loss(T, members, real, fake.detach())
         d_grads = list(torch.autograd.grad(d_loss.sum(), self.params(T, "d")))
         g_loss = self.g_loss_fn(self.disc(T, fake))
         g_grads = list(torch.autograd.grad(g_loss.sum(), self.params(T, "g")))
@@ -494,20 +509,16 @@ class _Bucket:
         return d_loss.detach(), g_loss.detach()
 
     def g_update(self, grads: list[torch.Tensor]) -> None:
-        """Apply G's gradients (every member): clipping, Adam, the EMA copy."""
+        """Apply G's gradients (every member): the tricks' before_step, Adam, their
+        after_g_step (the EMA copy)."""
         T, members = self.T, self.members
-        if "gradclip" in self.tricks:
-            self.clip_grads(grads, members)
+        for t in self.trick_list:
+            t.batched_before_step(self, members, grads)
         for m in members:
             m.g_count += 1
         self.adam(T, "g", grads, members)
-        if "ema" in self.tricks:
-            weight = self.member_scalar([1 - m.trick("ema", "decay") for m in members])
-            with torch.no_grad():
-                for key in self.keys("g"):
-                    T["ema" + key[1:]].lerp_(T[key], weight)
-                for key in [k for k in T if k.startswith(("g.rm.", "g.rv."))]:
-                    T["ema" + key[1:]].copy_(T[key])  # batch-norm statistics, as EMA does
+        for t in self.trick_list:
+            t.batched_after_g_step(self, T)
 
     def member_vector(self, values: Sequence[float]) -> torch.Tensor | float:
         """A per-member constant for [K]-shaped tensors (per-member losses): a Python number
@@ -615,9 +626,9 @@ class _Bucket:
             generator = online = None
             if status == "completed":  # its final generator, as train returns it
                 pos = self.members.index(m)
-                ema = "ema" in self.tricks
-                generator = self.generator_state(pos, "ema" if ema else "g")
-                online = self.generator_state(pos, "g") if ema else None
+                kept = self.eval_net != "g"  # a trick's copy (EMA): G is kept beside it
+                generator = self.generator_state(pos, self.eval_net)
+                online = self.generator_state(pos, "g") if kept else None
             results[m.index] = TrainResult(
                 config=m.config, status=status, steps=at, metrics=metrics,
                 history=m.history, samples=samples, reference=m.reference.float(),
@@ -722,13 +733,17 @@ def train_population(
     results: dict[int, TrainResult] = {}
     buckets: dict[tuple, list[_Member]] = {}
     alone: list[int] = []
+    reasons: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
         reason = unbatchable(config.validate())
         if reason is not None:
-            log.warning("member %d trains on its own: %s", i, reason)
+            reasons.setdefault(reason, []).append(i)
             alone.append(i)
             continue
         buckets.setdefault(bucket_key(config), []).append(_member(i, config))
+    for reason, which in reasons.items():  # once per reason, naming the members
+        log.warning("%d member(s) (%s) train one at a time through train: %s", len(which),
+                    ", ".join(map(str, which)), reason)
     lanes = lanes or torch.get_num_threads()
     shards: list[_Bucket] = []
     for group in shard_groups(list(buckets.values()), lanes):
@@ -885,7 +900,7 @@ def _evaluate(b: _Bucket, due: list[int], step: int, on_eval: PopOnEval | None,
     """Evaluate the members at positions ``due``; return the positions that leave (a
     member whose metrics or callback raised leaves through ``fail``, alone)."""
     idx = None if len(due) == len(b.members) else torch.tensor(due, device=b.device)
-    net = "ema" if "ema" in b.tricks else "g"
+    net = b.eval_net
     sub = b.subset(idx, ("g.", "d.", f"{net}."))
     members = [b.members[i] for i in due]
     finite = torch.stack([torch.isfinite(p.detach()).flatten(1).all(1)

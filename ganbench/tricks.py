@@ -9,6 +9,18 @@ The trainer calls the hooks in this order each step:
 
 ``configure`` adjusts the model build (spectral norm, packing) before training starts.
 TTUR (Heusel et al. 2017) needs no trick: set ``lr_d`` ≠ ``lr_g``.
+
+Each trick also carries its **batched form**, for the population engine
+(``ganbench.population``), which trains K members as stacked tensors: the ``batched_*``
+hooks below mirror the trainer's hooks, at the same points and in the same order, and
+draw their random numbers from each member's own stream in ``train``'s order, so a member
+trains exactly as ``train`` trains it (a test checks every trick to 1e-10 in float64). The
+hooks receive the engine's bucket ``b`` and work on whole batches: ``b.per_member(members,
+values)`` (one constant per member, broadcasting over stacked weights), ``b.rand`` /
+``b.randn`` / ``b.sample_real`` (per-member draws), ``b.disc(T, x)`` and
+``b.input_grad(T, x)`` (D and its input gradient on stacked tensors ``T``),
+``b.params(T, net)`` and ``b.keys(net)`` (a net's trained tensors). A trick whose
+``batched`` is False trains its members through ``train`` instead.
 """
 
 from __future__ import annotations
@@ -46,6 +58,10 @@ class Trick:
 
     name = "trick"
     params: dict[str, Param] = {}
+    batched = True           # the population engine can train it (its batched hooks)
+    double_backward = False  # differentiates through D's input gradients (not compilable)
+    bucket_params: tuple[str, ...] = ()  # parameters members of one batch must share
+    eval_net: str | None = None          # the batched generator evaluated (None: G's)
 
     def __init__(self, **values: Any) -> None:
         for key, p in self.params.items():
@@ -92,6 +108,41 @@ class Trick:
         """The generator to evaluate (None: the trained one)."""
         return None
 
+    # ------------------------------------------------------------ batched forms
+    # ``members``: the members the step updates (a D step may update a subset); ``T``:
+    # their stacked tensors. Values are per member: [k] losses, [k, …] batches.
+    def batched_setup(self, b: Any) -> None:
+        """Once the bucket's tensors exist (``setup``)."""
+
+    def batched_d_inputs(self, b: Any, members: list, real: torch.Tensor,
+                         fake: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return real, fake
+
+    def batched_d_loss(self, b: Any, members: list, d_real: torch.Tensor,
+                       d_fake: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def batched_d_penalty(self, b: Any, T: dict, members: list, real: torch.Tensor,
+                          fake: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def batched_before_step(self, b: Any, members: list, grads: list[torch.Tensor]) -> None:
+        """After the gradients, before the Adam step (of D and of G)."""
+
+    def batched_after_d_step(self, b: Any, T: dict, members: list) -> None:
+        pass
+
+    def batched_g_logits(self, b: Any, T: dict, fake: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def batched_after_g_step(self, b: Any, T: dict) -> None:
+        pass
+
+
+def _values(members: list, name: str, param: str) -> list[float]:
+    """Each member's value of trick parameter ``name.param``."""
+    return [m.trick(name, param) for m in members]
+
 
 def _input_grad(d: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """∇_x D(x) per sample, kept in the graph (for penalties)."""
@@ -113,6 +164,13 @@ class WeightClip(Trick):
             for p in d.parameters():
                 p.clamp_(-self.c, self.c)
 
+    def batched_after_d_step(self, b, T, members):
+        c = b.per_member(_values(members, self.name, "c"))
+        with torch.no_grad():
+            for p in b.params(T, "d"):
+                p.copy_(torch.clamp(p, -c, c) if isinstance(c, float) else
+                        torch.minimum(torch.maximum(p, -c), c))
+
 
 class GradientPenalty(Trick):
     """WGAN-GP (Gulrajani et al. 2017): λ·E[(‖∇D(x̂)‖₂ − 1)²] at x̂ = εx + (1−ε)G(z),
@@ -120,6 +178,7 @@ class GradientPenalty(Trick):
 
     name = "gp"
     params = {"weight": Param(10.0, 0.0, 1000.0)}
+    double_backward = True
 
     def d_penalty(self, d, real, fake):
         eps = torch.rand(real.shape[0], 1, generator=self.rng, device=real.device,
@@ -133,6 +192,12 @@ class GradientPenalty(Trick):
         grad = grad.reshape(grad.shape[0] // getattr(d, "pack", 1), -1)
         return self.weight * ((grad.norm(dim=1) - 1) ** 2).mean()
 
+    def batched_d_penalty(self, b, T, members, real, fake):
+        eps = b.rand(members, (real.shape[1], 1))
+        grad = b.input_grad(T, eps * real + (1 - eps) * fake)
+        weight = b.per_member(_values(members, self.name, "weight"), vector=True)
+        return weight * ((grad.norm(dim=-1) - 1) ** 2).mean(-1)
+
 
 class R1(Trick):
     """R1 penalty (Mescheder et al. 2018): γ/2·E_x[‖∇D(x)‖²] on real data."""
@@ -140,11 +205,17 @@ class R1(Trick):
     name = "r1"
     params = {"gamma": Param(1.0, 0.0, 1000.0)}
     on_real = True
+    double_backward = True
 
     def d_penalty(self, d, real, fake):
         grad = _input_grad(d, real if self.on_real else fake)
         grad = grad.reshape(grad.shape[0] // getattr(d, "pack", 1), -1)
         return 0.5 * self.gamma * grad.pow(2).sum(dim=1).mean()
+
+    def batched_d_penalty(self, b, T, members, real, fake):
+        grad = b.input_grad(T, real if self.on_real else fake)
+        gamma = b.per_member(_values(members, self.name, "gamma"), vector=True)
+        return 0.5 * gamma * grad.pow(2).sum(-1).mean(-1)
 
 
 class R2(R1):
@@ -175,6 +246,14 @@ class GradNormClip(Trick):
     def before_step(self, params):
         torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
+    def batched_before_step(self, b, members, grads):
+        """Per member, as ``clip_grad_norm_`` does for one net."""
+        max_norm = b.per_member(_values(members, self.name, "max_norm"), vector=True)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
+        for g in grads:
+            g.mul_(coef)
+
 
 class InstanceNoise(Trick):
     """Instance noise (Sønderby et al. 2017; Arjovsky & Bottou 2017): Gaussian noise of std σ
@@ -183,16 +262,24 @@ class InstanceNoise(Trick):
     name = "noise"
     params = {"std": Param(0.1, 0.0, 10.0), "anneal": Param(1.0, 0.0, 1.0)}
 
-    def current_std(self, step: int) -> float:
-        horizon = self.anneal * self.config.steps
+    def std_at(self, step: int, steps: int) -> float:
+        """σ at generator step ``step`` of a run of ``steps``."""
+        horizon = self.anneal * steps
         return self.std * max(0.0, 1 - step / horizon) if horizon > 0 else self.std
 
     def d_inputs(self, real, fake, step):
-        std = self.current_std(step)
+        std = self.std_at(step, self.config.steps)
+
         def draw(x: torch.Tensor) -> torch.Tensor:
             return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
 
         return real + std * draw(real), fake + std * draw(fake)
+
+    def batched_d_inputs(self, b, members, real, fake, step):
+        std = b.per_member([m.trick_object(self.name).std_at(step, m.config.steps)
+                            for m in members])
+        noisy_real = real + std * b.randn(members, real.shape[1:])
+        return noisy_real, fake + std * b.randn(members, fake.shape[1:])
 
 
 class LabelSmoothing(Trick):
@@ -207,6 +294,13 @@ class LabelSmoothing(Trick):
         return (F.binary_cross_entropy_with_logits(d_real, target)
                 + F.softplus(d_fake).mean())
 
+    def batched_d_loss(self, b, members, d_real, d_fake):
+        target = b.per_member(_values(members, self.name, "real"), vector=True)
+        target = torch.full_like(d_real, target) if isinstance(target, float) else \
+            target.view(-1, 1).expand_as(d_real)
+        return F.binary_cross_entropy_with_logits(d_real, target, reduction="none") \
+            .mean(-1) + F.softplus(d_fake).mean(-1)
+
 
 class EMA(Trick):
     """Exponential moving average of G's weights (Yazıcı et al. 2019): after every G step
@@ -215,6 +309,7 @@ class EMA(Trick):
 
     name = "ema"
     params = {"decay": Param(0.999, 0.0, 0.99999)}
+    eval_net = "ema"
 
     def setup(self, g, d, config, rng=None):
         super().setup(g, d, config, rng)
@@ -232,6 +327,19 @@ class EMA(Trick):
 
     def eval_generator(self, g):
         return self.shadow
+
+    def batched_setup(self, b):
+        """The shadow generator starts as a copy of G (``ema.*`` beside ``g.*``)."""
+        for key in [k for k in b.T if k.startswith("g.")]:
+            b.T["ema" + key[1:]] = b.T[key].detach().clone()
+
+    def batched_after_g_step(self, b, T):
+        weight = b.per_member([1 - v for v in _values(b.members, self.name, "decay")])
+        with torch.no_grad():
+            for key in b.keys("g"):
+                T["ema" + key[1:]].lerp_(T[key], weight)
+            for key in [k for k in T if k.startswith(("g.rm.", "g.rv."))]:
+                T["ema" + key[1:]].copy_(T[key])  # batch-norm statistics, as after_g_step
 
 
 class Pack(Trick):
@@ -252,6 +360,8 @@ class Unrolled(Trick):
 
     name = "unrolled"
     params = {"k": Param(5, 1, 20, integer=True)}
+    double_backward = True
+    bucket_params = ("k",)   # members of a batch unroll the same number of steps
 
     def g_logits(self, d, fake, sample_real, d_loss_fn):
         from torch.func import functional_call
@@ -265,6 +375,18 @@ class Unrolled(Trick):
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             params = {k: v - self.config.lr_d * gr for (k, v), gr in zip(params.items(), grads)}
         return functional_call(d, (params, buffers), (fake,))
+
+    def batched_g_logits(self, b, T, fake):
+        lr = b.per_member([m.config.lr_d for m in b.members])
+        keys = b.keys("d")
+        unrolled = dict(T)
+        for _ in range(int(self.k)):
+            real = b.sample_real(b.members)
+            loss = b.d_loss_fn(b.disc(unrolled, real), b.disc(unrolled, fake.detach()))
+            grads = torch.autograd.grad(loss.sum(), [unrolled[k] for k in keys],
+                                        create_graph=True)
+            unrolled |= {k: unrolled[k] - lr * g for k, g in zip(keys, grads)}
+        return b.disc(unrolled, fake)
 
 
 TRICKS: dict[str, type[Trick]] = {

@@ -74,7 +74,7 @@ def effect_gradclip():
 
 def effect_noise():
     trick = make("noise", std=0.4, anneal=0.5)  # reaches 0 at half of 100 steps
-    assert [trick.current_std(s) for s in (0, 25, 50, 80)] == pytest.approx([0.4, 0.2, 0, 0])
+    assert [trick.std_at(s, 100) for s in (0, 25, 50, 80)] == pytest.approx([0.4, 0.2, 0, 0])
     real = torch.zeros(20000, 2)
     noisy, _ = trick.d_inputs(real, real, 0)
     assert noisy.std().item() == pytest.approx(0.4, rel=0.03)
