@@ -154,7 +154,7 @@ def retry_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     """A trial failed by Optuna for a silent heartbeat (its worker died, here or on another
     machine): its parameters are re-queued. The failed trial is already finished and can
     take no attribute: a FAIL without ``fail_kind`` is such a trial, and is not counted.
-    Passed to Optuna's RDBStorage as ``failed_trial_callback``."""
+    Passed to Optuna's RDBStorage as ``heartbeat_stale_trial_callback``."""
     requeue(study, trial, STALE)
 
 

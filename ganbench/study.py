@@ -139,7 +139,7 @@ def get_storage(spec: StudySpec, create: bool = True) -> optuna.storages.BaseSto
                     _sqlalchemy_url(url),
                     heartbeat_interval=int(math.ceil(spec.heartbeat.interval)),
                     grace_period=int(math.ceil(spec.heartbeat.grace)),
-                    failed_trial_callback=retry_callback,
+                    heartbeat_stale_trial_callback=retry_callback,
                     engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql")
                     else None)
         except Exception as exc:  # sqlalchemy raises many types; all mean "cannot use it"

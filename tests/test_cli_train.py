@@ -5,6 +5,7 @@ import pytest
 from tests.conftest import ganbench
 
 
+@pytest.mark.slow  # spawns processes
 def test_train_writes_metrics_and_scatter(tmp_path):
     out = tmp_path / "demo"
     proc = ganbench("train", "--target", "grid", "--steps", "40", "--eval-every", "20",
@@ -17,6 +18,7 @@ def test_train_writes_metrics_and_scatter(tmp_path):
     assert "final metrics" in proc.stdout and "modes" in proc.stdout
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("args,needle", [
     (["--target", "moon"], "unknown target 'moon'; choose one of: grid, mog, ring"),
     (["--loss", "bce"], "unknown loss 'bce'; choose one of: hinge, lsgan, minimax"),
@@ -34,11 +36,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle)
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # spawns processes
 def test_debug_shows_the_traceback(tmp_path):
     proc = ganbench("--debug", "train", "--target", "moon", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
+@pytest.mark.slow  # spawns processes
 def test_help_lists_commands(tmp_path):
     proc = ganbench("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "train" in proc.stdout

@@ -172,6 +172,7 @@ def test_bad_comparisons_are_refused(tmp_path, changes, field, needle):
     assert info.value.field == field and needle in str(info.value)
 
 
+@pytest.mark.slow  # spawns processes
 def test_cli_bad_comparison_is_one_line_and_runs_nothing(tmp_path):
     path = write(tmp_path, baseline="vanilla")
     proc = ganbench("compare", str(path), cwd=tmp_path)
@@ -180,6 +181,7 @@ def test_cli_bad_comparison_is_one_line_and_runs_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.yaml"]
 
 
+@pytest.mark.slow  # spawns processes
 def test_report_and_status_of_a_comparison_that_never_ran(tmp_path):
     path = write(tmp_path)
     report = ganbench("report", str(path), cwd=tmp_path)
@@ -420,6 +422,7 @@ def test_infinite_values_are_counted_and_shown_with_the_median():
                                                                     [0.1, 0.2, 0.3]))
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("change,needle", [
     ({"arms": {"wgan gp": {"loss": "wasserstein"}, "plain": {}}},
      "arms.'wgan gp': an arm name is letters, digits"),

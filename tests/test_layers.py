@@ -103,6 +103,7 @@ def test_libraries_stay_in_their_layer(module):
         assert "torch" not in roots, f"{module} imports torch"
 
 
+@pytest.mark.slow  # spawns processes
 def test_workers_load_no_plotting():
     """A worker process (trial, worker loop, supervisor, a comparison's jobs) loads neither
     matplotlib nor the report module: storing a trial's points goes through ``files``."""
@@ -146,6 +147,7 @@ def test_no_cycles_between_modules():
         visit(m, [])
 
 
+@pytest.mark.slow  # spawns processes
 def test_lazy_imports():
     """The CLI, the spec, the metric registry and the package itself load without torch,
     Optuna or MLflow, so --help and a spec error answer at once."""

@@ -400,6 +400,7 @@ def test_without_a_working_compiler_populations_train_eagerly(monkeypatch, caplo
         assert_same(train(config), result)
 
 
+@pytest.mark.slow  # spawns processes
 def test_compile_flag_compiles_a_sweeps_populations(tmp_path):
     """`--compile` turns on execution.compile: the sweep says so and completes every trial;
     without a population it says that it does not apply."""

@@ -43,6 +43,7 @@ def test_the_rebuild_command_keeps_what_defines_the_study(command, expected):
     assert provenance.report_command([{"command": command}]) == expected
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_sweeps_report_records_its_provenance_and_rebuilds_from_its_export(in_tmp):
     path = write_spec(in_tmp, trials=3)
     proc = ganbench("sweep", str(path), "--workers", "2", cwd=in_tmp)
@@ -71,6 +72,7 @@ def test_a_sweeps_report_records_its_provenance_and_rebuilds_from_its_export(in_
     assert {p.name: p.read_bytes() for p in out.iterdir()} == committed
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_run_without_storage_or_export_is_named(in_tmp):
     path = write_spec(in_tmp)
     proc = ganbench("report", str(path), cwd=in_tmp)

@@ -236,7 +236,9 @@ def test_four_workers_finish_exactly_n_each_logged_once(tmp_path, backend, reque
         study = optuna.load_study(study_name=name, storage=storage)
     assert_complete_study(study, 8)
     assert len(study.get_trials()) == 8
-    # Which worker ran what is the scheduler's business; that they are this sweep's is not.
+    # Which worker ran what is the scheduler's business; that four were started (not one
+    # per core: two here) and that they are this sweep's is not.
+    assert study.user_attrs["provenance"][-1]["workers"] == 4
     assert 1 <= len({t.user_attrs["pid"] for t in study.get_trials()}) <= 4
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name(name)

@@ -65,6 +65,7 @@ def test_pruner_prunes_a_bad_region(in_tmp):
     assert study.user_attrs["intermediate_values"] == "sliced_w1"
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_changed_study_is_refused_naming_the_field(in_tmp):
     path = write_spec(in_tmp, trials=1)
     worker.worker_loop(load_spec(path), "cpu", 1)
@@ -144,6 +145,7 @@ def test_seed_repeats_are_averaged_and_kept(in_tmp):
     assert trial.values[0] == pytest.approx(sum(s["w1"] for s in per_seed) / 3)
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_dead_local_workers_trial_is_failed_and_retried(in_tmp):
     spec = load_spec(write_spec(in_tmp, trials=2))
     study = open_study(spec)
@@ -172,6 +174,8 @@ def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
     assert "best trials" in first.stdout and (in_tmp / "reports/tiny/leaderboard.csv").exists()
     study = optuna.load_study(study_name="tiny", storage=get_storage(load_spec(spec)))
     assert states(study) == [TrialState.COMPLETE] * 4
+    # Two worker processes were started (recorded with the run), and only they ran trials.
+    assert study.user_attrs["provenance"][-1]["workers"] == 2
     assert 1 <= len({t.user_attrs["pid"] for t in study.get_trials()}) <= 2
     # Piped to a file: one line per finished trial (number, state, objective, duration).
     lines = [line for line in first.stdout.splitlines() if line.startswith("trial ")]
@@ -202,8 +206,19 @@ def test_cli_sweep_on_postgres_with_two_workers(in_tmp, postgres):
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(5))
     assert states(study) == [TrialState.COMPLETE] * 5
+    assert study.user_attrs["provenance"][-1]["workers"] == 2
     assert 1 <= len({t.user_attrs["pid"] for t in trials}) <= 2
     assert not (in_tmp / "runs/pg/optuna.log").exists()
+
+
+def test_workers_option_sizes_the_sweep_to_the_trials_left(in_tmp):
+    """--workers N starts N workers (not one per core), never more than trials are left."""
+    from ganbench.sweep import plan_sweep
+
+    assert plan_sweep(load_spec(write_spec(in_tmp, trials=4, workers=3))).devices == \
+        ["cpu"] * 3
+    assert plan_sweep(load_spec(write_spec(in_tmp, trials=2, workers=3, name="two"))
+                      ).devices == ["cpu"] * 2
 
 
 @pytest.mark.slow
@@ -215,6 +230,7 @@ def test_cli_worker_joins_a_postgres_study(in_tmp, postgres):
     assert "trial 0: COMPLETE" in proc.stdout and "ran 2 trial(s)" in proc.stdout
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("args,needle", [
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot connect"),
     (["--storage", "redis://x"], "storage: expected sqlite:///PATH or postgresql"),
@@ -233,6 +249,7 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(in_tmp, args, needle):
     assert sorted(p.name for p in in_tmp.iterdir()) == ["tiny.yaml"]
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("command", ["sweep", "worker", "status", "report", "compare"])
 def test_every_study_command_reports_a_missing_spec(in_tmp, command):
     proc = ganbench(command, "nope.yaml", cwd=in_tmp)
@@ -240,6 +257,7 @@ def test_every_study_command_reports_a_missing_spec(in_tmp, command):
     assert list(in_tmp.iterdir()) == []
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("command,kind,serves", [
     ("sweep", "compare", "ganbench compare"), ("worker", "compare", "ganbench compare"),
     ("compare", "study", "ganbench sweep"),
@@ -258,6 +276,7 @@ def test_a_file_of_the_other_kind_names_the_command_that_serves_it(in_tmp, comma
     assert sorted(p.name for p in in_tmp.iterdir()) == [path.name]
 
 
+@pytest.mark.slow  # spawns processes
 def test_version(in_tmp):
     from ganbench import __version__
 
@@ -265,6 +284,7 @@ def test_version(in_tmp):
     assert proc.returncode == 0 and proc.stdout == f"ganbench {__version__}\n"
 
 
+@pytest.mark.slow  # spawns processes
 def test_status_of_a_study_that_never_ran(in_tmp):
     proc = ganbench("status", str(write_spec(in_tmp)), cwd=in_tmp)
     assert proc.returncode == 2 and "no study found" in proc.stderr
@@ -345,6 +365,7 @@ def test_a_trial_lost_between_two_suggestions_keeps_what_it_had_sampled(tmp_path
     assert retry.user_attrs["retry_of"] == partial.number
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_sweep_that_ends_short_says_so_and_fails(in_tmp):
     """A trial held RUNNING by a worker on another machine, on a journal (no heartbeats):
     the local workers cannot finish the study, and the sweep says so instead of exit 0."""
@@ -380,6 +401,7 @@ def test_a_result_told_after_the_trial_was_failed_elsewhere_is_dropped(tmp_path)
     assert study.get_trials()[0].user_attrs["fail_kind"] == WORKER_DIED  # untouched
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_sweep_with_a_compute_budget_ends_cleanly_at_it(in_tmp):
     spec = write_spec(in_tmp, budget={"g_steps": 120})  # trials of 40 steps: 3 of them
     proc = ganbench("sweep", str(spec), "--workers", "1", cwd=in_tmp)

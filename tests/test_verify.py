@@ -30,6 +30,7 @@ def copy(report, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow  # spawns processes
 def test_an_untouched_report_verifies(made, tmp_path):
     proc = ganbench("verify", str(made), "--all", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -38,6 +39,7 @@ def test_an_untouched_report_verifies(made, tmp_path):
     assert "all 6 re-trained run(s) equal the committed values, bit for bit" in lines[-1]
 
 
+@pytest.mark.slow  # spawns processes
 def test_one_changed_value_fails_naming_the_run(made, tmp_path):
     report = copy(made, tmp_path)
     runs = pd.read_csv(report / "runs.csv")
@@ -53,6 +55,7 @@ def test_one_changed_value_fails_naming_the_run(made, tmp_path):
     assert "1 of 6 run(s) differ" in proc.stdout
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_subset_spreads_over_arms(made, tmp_path):
     proc = ganbench("verify", str(made), "--runs", "3", cwd=tmp_path)
     assert proc.returncode == 0
@@ -60,6 +63,7 @@ def test_a_subset_spreads_over_arms(made, tmp_path):
     assert {c.split(" · ")[1] for c in checked} == {"plain", "pacgan2", "ema"}
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("damage,message", [
     (lambda r: (r / "provenance.json").unlink(), "no provenance.json"),
     (lambda r: _edit(r, lambda p: p["runs"][-1]["libraries"].update(torch="2.0.0")),
