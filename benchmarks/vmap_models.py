@@ -45,12 +45,12 @@ def vmap_step(g, d, gp, gb, dp, db, z: torch.Tensor) -> None:
     torch.autograd.grad(loss, list(gp.values()) + list(dp.values()))
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, args: tuple, repeats: int) -> float:
+    fn(*args)  # warm-up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -76,8 +76,8 @@ def main() -> None:
         gp, gb = stack_module_state(gs)
         dp, db = stack_module_state(ds)
         g0, d0 = copy.deepcopy(gs[0]).to("meta"), copy.deepcopy(ds[0]).to("meta")
-        hand = timed(lambda: bucket_step(b, z), args.repeats)
-        func = timed(lambda: vmap_step(g0, d0, gp, gb, dp, db, z), args.repeats)
+        hand = timed(bucket_step, (b, z), args.repeats)
+        func = timed(vmap_step, (g0, d0, gp, gb, dp, db, z), args.repeats)
         print(f"{k:>4} {hand:>17.5f} {func:>16.5f} {func / hand:>6.2f}")
 
 

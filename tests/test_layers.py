@@ -159,3 +159,24 @@ def test_lazy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.slow  # spawns processes
+def test_importing_the_package_changes_no_process_wide_state():
+    """Importing every module leaves the process as it was: no MLflow variables, no
+    matplotlib backend chosen, Optuna's log level and glibc's allocator untouched (the
+    ganbench command and its workers set what they need for themselves)."""
+    modules = ", ".join(f"ganbench.{m}" for m in sorted(LAYER) if m != "__main__")
+    code = ("import os, sys, logging\n"
+            "before = dict(os.environ)\n"
+            f"import {modules}\n"
+            "import matplotlib, optuna\n"
+            "from ganbench import population\n"
+            "print(sorted(set(os.environ) - set(before)),\n"
+            "      matplotlib.rcParams._get_backend_or_none(),\n"
+            "      optuna.logging.get_verbosity() == optuna.logging.INFO,\n"
+            "      population._TUNED)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={k: v for k, v in __import__("os").environ.items()
+                                          if k != "MPLBACKEND"}).stdout.strip()
+    assert out == "[] None True False"

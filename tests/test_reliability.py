@@ -124,6 +124,28 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
     assert {r.info.status for r in killed_runs} == {"KILLED"}
 
 
+def test_one_worker_killed_ends_the_sweep_short_in_one_line_and_the_rerun_is_exact(tmp_path):
+    """SIGKILL to one worker of two (an out-of-memory kill): the other finishes what it can,
+    the sweep names the dead worker in one line (exit 2, "rerun to continue") after failing
+    and re-queuing its trial, and the rerun ends with exactly the total."""
+    spec = write_spec(tmp_path, name="one-dead", trials=4, train=SLOWER)
+    proc, study = sweep_until_busy(spec, tmp_path, "one-dead")
+    victim = next(t for t in study.get_trials() if t.state == TrialState.RUNNING)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert "a worker on cpu died (killed by SIGKILL)" in err and "rerun to continue" in err
+    lost = study.get_trials()[victim.number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_kind"] == "worker_died"
+    rerun = subprocess.run([sys.executable, "-m", "ganbench", "sweep", str(spec), "--workers",
+                            "2"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_study(study, 4)
+    retried = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retried) == 1 and retried[0].params == victim.params
+
+
 def test_ctrl_c_is_a_graceful_stop_and_rerun_continues(tmp_path):
     spec = write_spec(tmp_path, name="interrupted", trials=5, train=SLOWER, tracking={})
     proc, study = sweep_until_busy(spec, tmp_path, "interrupted")

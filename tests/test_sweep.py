@@ -455,3 +455,15 @@ def test_asking_reserves_the_planned_compute_of_running_trials(in_tmp):
     assert not budget_spent(spec, trials, reserve=False)       # 380 left without it
     study.tell(running, state=TrialState.FAIL)                 # lost: uncounted, unreserved
     assert trials_that_fit(spec, study.get_trials(), 10) == 1
+
+
+def test_a_database_study_without_tracking_keeps_its_generators(in_tmp):
+    """With a database storage and ``tracking: false`` nothing else keeps a trial's
+    generator: it stays in the run folder, its path on the trial (not saved and deleted)."""
+    spec = load_spec(write_spec(in_tmp, trials=2, storage=f"sqlite:///{in_tmp / 's.db'}"))
+    worker.worker_loop(spec, "cpu", spec.trials)
+    trials = open_study(spec).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for t in trials:
+        path = in_tmp / "runs" / "tiny" / "generators" / f"trial-{t.number}.pt"
+        assert path.is_file() and t.user_attrs["checkpoint"] == str(path.resolve())
