@@ -349,7 +349,7 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
                         a, fn, job = ready.pop(0)
                         workers.submit(i, fn, _on_device(job, devices[i], devices), a)
                 if not workers.busy():
-                    if died or not any(a.pending for a in arms):
+                    if died:
                         break
                     continue
                 for done in workers.wait(0.5):

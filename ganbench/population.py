@@ -23,7 +23,11 @@ loops. Compiling costs tens of seconds per bucket shape on a CPU, so it pays off
 runs only; where it cannot work (no C++ compiler, D's double backward of the gradient
 penalties) the bucket trains eagerly and one line says why.
 
-What the engine cannot batch (``unbatchable`` says why) runs through ``train``.
+Tricks are defined once, in ``ganbench.tricks``: each carries its batched form (the
+``batched_*`` hooks) beside its trainer hooks, and the engine applies whatever hooks the
+bucket's tricks define, at the points and in the order ``train`` calls them. What the engine
+cannot batch (``unbatchable`` says why: an optimizer other than Adam, a trick with
+``batched = False``) runs through ``train``, said once per population.
 """
 
 from __future__ import annotations

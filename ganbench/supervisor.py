@@ -122,12 +122,14 @@ class Supervisor:
 
     def __exit__(self, kind, exc, tb) -> None:
         self._signals.close()
-        if kind is not None and issubclass(kind, KeyboardInterrupt):
-            self._stop_workers()
-            if self.on_stop is not None:
-                self.on_stop()
+        if kind is None:
+            self._end(kill=False)
             return
-        self._end(kill=kind is not None)
+        # A signal, or an error of the caller's: the workers mark their trials and stop
+        # (as on Ctrl-C), then what they left running is recovered.
+        self._stop_workers()
+        if self.on_stop is not None:
+            self.on_stop()
 
     def _forward(self, signum: int) -> None:
         """At once: no worker may start a trial after a stop."""
