@@ -289,6 +289,20 @@ def sweep_cmd(
                           "command to continue[/]")
             raise
     _leaderboard(spec, plan.study, write=True)
+    _mlflow_link(spec)
+
+
+def _mlflow_link(spec) -> None:
+    """Where the runs open in MLflow's UI (its runs table, not its GenAI view)."""
+    if spec.tracking is False:
+        return
+    from ganbench.tracking import resolve_uri, runs_url
+
+    found = runs_url(resolve_uri(spec.tracking.uri), spec.name)
+    if found is not None:
+        url, serve = found
+        console.print(f"MLflow runs: {url}" + (f"  (after `{serve}`)" if serve else ""),
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("worker")
@@ -696,6 +710,26 @@ def compare_cmd(
         console.print(f"[yellow]{line}[/]" if line.startswith("warning") else line)
     files = result.files
     console.print(f"wrote {files[0]}, {files[1]} and {files[0].parent / 'index.html'}")
+    _mlflow_link(spec)
+
+
+@app.command("schema")
+def schema_cmd(
+    kind: str = typer.Argument("study", help="study or compare: which file's schema."),
+    markdown: bool = typer.Option(False, "--markdown", help="Every field as Markdown "
+                                  "tables (the docs' reference) instead of JSON Schema."),
+) -> None:
+    """Print the JSON Schema of study (or comparison) files, for editors and checks.
+
+    Example: ganbench schema study > study.schema.json
+    """
+    import json
+
+    from ganbench.schema import KINDS, field_table, json_schema
+
+    if kind not in KINDS:
+        raise GanbenchError(f"schema: expected one of {', '.join(KINDS)}, got {kind!r}")
+    print(field_table(kind) if markdown else json.dumps(json_schema(kind), indent=2))
 
 
 def _progress() -> Progress:

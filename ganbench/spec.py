@@ -10,7 +10,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -63,8 +63,10 @@ def _study_name(value: Any) -> Any:
 
 STORAGE_URL = re.compile(r"^(sqlite:///\S+|postgresql(\+psycopg)?://\S*@?[\w.\-\[\]:]+(:\d+)?/\w\S*)$")
 
-_STRICT = ConfigDict(extra="forbid")
-_OPEN = ConfigDict(extra="allow")
+# Unknown keys are errors, and values are taken as written: `trials: "5"` or `log: "yes"`
+# is refused, not converted (as the JSON Schema of ganbench.schema says).
+_STRICT = ConfigDict(extra="forbid", strict=True)
+_OPEN = ConfigDict(extra="allow", strict=True)
 
 
 def _section(name: str, fields: tuple[str, ...]) -> type[BaseModel]:
@@ -81,12 +83,12 @@ class Distribution(BaseModel):
     """One search dimension: int / float (optionally log or stepped) or categorical."""
 
     model_config = _STRICT
-    type: Literal["int", "float", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
+    type: Literal["int", "float", "categorical"]  # the kind of range
+    low: float | None = None               # lowest value (int, float)
+    high: float | None = None              # highest value, included (int, float)
+    log: bool = False                      # sample on a log scale (int, float)
+    step: float | None = None              # values low, low + step, ... (int, float)
+    choices: list[Any] | None = None       # the values to choose from (categorical)
 
     @model_validator(mode="after")
     def _check(self) -> "Distribution":
@@ -150,8 +152,8 @@ class Objective(BaseModel):
     """A metric of ganbench.metrics.METRICS to optimise; its direction by default."""
 
     model_config = _STRICT
-    metric: str
-    direction: Literal["minimize", "maximize"] | None = None
+    metric: str                            # a metric of ganbench.metrics (w1, modes, hq, ...)
+    direction: Literal["minimize", "maximize"] | None = None  # default: the metric's own
     _metric = _registered(METRICS, "metric")
 
     @model_validator(mode="after")
@@ -166,8 +168,9 @@ class TargetSpec(BaseModel):
     (PacGAN's protocol: 100000), instead of fresh points every batch."""
 
     model_config = _OPEN
-    name: str
-    pool: int | None = Field(None, gt=0)
+    name: str                              # the target (ring, grid, spiral, ...), plus its own
+                                           # parameters beside it (modes, radius, std, ...)
+    pool: int | None = Field(None, gt=0)   # train on a fixed set of this many points
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -187,8 +190,8 @@ class SamplerSpec(BaseModel):
     """``name``, ``seed`` and any keyword options of the Optuna sampler."""
 
     model_config = _OPEN
-    name: str = "tpe"
-    seed: int | None = 0
+    name: str = "tpe"                      # an Optuna sampler; other keys are its options
+    seed: int | None = 0                   # the search's seed (None: a fresh one every run)
     _name = _registered(SAMPLERS, "sampler")
 
 
@@ -196,14 +199,16 @@ class PrunerSpec(BaseModel):
     """``name`` and keyword options of the Optuna pruner; ``patient`` wraps ``wrapped``."""
 
     model_config = _OPEN
-    name: str = "median"
-    wrapped: "PrunerSpec | None" = None
+    name: str = "median"                   # an Optuna pruner; other keys are its options
+    wrapped: "PrunerSpec | None" = None    # the pruner a patient pruner wraps
     _name = _registered(PRUNERS, "pruner")
 
 
 class TrackingSpec(BaseModel):
+    """Where runs are logged in MLflow (``tracking: false`` turns logging off)."""
+
     model_config = _STRICT
-    uri: str | None = None
+    uri: str | None = None                 # default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
 
 
 class ExecutionSpec(BaseModel):
@@ -211,7 +216,7 @@ class ExecutionSpec(BaseModel):
     population (seed repeats of a trial are members too)."""
 
     model_config = _STRICT
-    mode: Literal["trial", "population"] = "trial"
+    mode: Literal["trial", "population"] = "trial"  # one trial at a time, or populations
     size: int = Field(16, gt=0)                  # members per population
     streams: Literal["auto", "member", "shared"] = "auto"  # see ganbench.population
     # Compile each bucket's forwards (torch.compile), at seconds to tens of seconds per bucket
@@ -225,8 +230,8 @@ class HeartbeatSpec(BaseModel):
     (not counted) and its parameters are re-queued by the next worker that asks."""
 
     model_config = _STRICT
-    interval: float = Field(30, gt=0)
-    grace: float = Field(120, gt=0)
+    interval: float = Field(30, gt=0)      # seconds between a running trial's heartbeats
+    grace: float = Field(120, gt=0)        # seconds of silence after which it is failed
 
     @model_validator(mode="after")
     def _grace_after_interval(self) -> "HeartbeatSpec":
@@ -242,10 +247,10 @@ class Budget(BaseModel):
     seconds of training, summed over seeds. Exactly one of them."""
 
     model_config = _STRICT
-    trials: int | None = Field(None, gt=0)
-    g_steps: int | None = Field(None, gt=0)
-    d_steps: int | None = Field(None, gt=0)
-    seconds: float | None = Field(None, gt=0)
+    trials: int | None = Field(None, gt=0)   # counted trials
+    g_steps: int | None = Field(None, gt=0)  # generator steps of counted trials, all seeds
+    d_steps: int | None = Field(None, gt=0)  # discriminator steps of counted trials
+    seconds: float | None = Field(None, gt=0)  # seconds of training of counted trials
 
     @model_validator(mode="after")
     def _one(self) -> "Budget":
@@ -278,24 +283,24 @@ class StudySpec(BaseModel):
     """A whole study; see studies/*.yaml for annotated examples."""
 
     model_config = _STRICT
-    name: str
-    target: TargetSpec
-    train: TrainSection = Field(default_factory=TrainSection)
-    model: ModelSection = Field(default_factory=ModelSection)
-    search: dict[str, Distribution] = Field(default_factory=dict)
-    objectives: list[Objective] = Field(
+    name: str                              # the study's name: its storage, runs and report
+    target: TargetSpec                     # the distribution to learn
+    train: TrainSection = Field(default_factory=TrainSection)  # fixed trainer values
+    model: ModelSection = Field(default_factory=ModelSection)  # fixed network values
+    search: dict[str, Distribution] = Field(default_factory=dict)  # trainer field → range
+    objectives: list[Objective] = Field(   # one (or several: a Pareto front) metrics
         default_factory=lambda: [Objective(metric="w1")], min_length=1)
-    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
-    trials: int = Field(20, gt=0)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)  # how trials are drawn
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)     # how trials are stopped early
+    trials: int = Field(20, gt=0)          # counted trials to run (a cap with a budget)
     budget: Budget | None = None           # stop at this compute instead (trials as a cap)
-    timeout: float | None = Field(None, gt=0)
-    seeds: int = Field(1, gt=0)
-    storage: str | None = None
-    tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
-    workers: int | None = Field(None, gt=0)
-    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
-    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
+    timeout: float | None = Field(None, gt=0)  # seconds after which no trial starts
+    seeds: int = Field(1, gt=0)            # training seeds per trial (its metrics: the mean)
+    storage: str | None = None             # sqlite:/// or postgresql:// (default: a journal)
+    tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)  # MLflow
+    workers: int | None = Field(None, gt=0)  # default: one per GPU, or per CPU core
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # trials or populations
+    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)  # database storages
 
     _name = field_validator("name", mode="before")(_study_name)
 
@@ -405,6 +410,13 @@ class _Loader(yaml.SafeLoader):
                     key_node.start_mark)
             seen.add(key_node.value)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2 reads 1e-3 as a number; PyYAML (YAML 1.1) would read it as a string.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"))
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -628,8 +640,8 @@ class ArmSection(_ArmFields):
     parameters its source arm selected on the same held-out seeds, so that only the values
     it names differ."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    source: str | None = Field(None, alias="from")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+    source: str | None = Field(None, alias="from")  # a matched arm's source arm
 
     def fixed(self) -> dict[str, Any]:
         """The trainer values the arm fixes."""
@@ -642,8 +654,8 @@ class Correction(BaseModel):
     one family)."""
 
     model_config = _STRICT
-    confirmatory: Literal["holm", "bonferroni", "bh", "none"] = "holm"
-    exploratory: Literal["holm", "bonferroni", "bh", "none"] = "bh"
+    confirmatory: Literal["holm", "bonferroni", "bh", "none"] = "holm"  # the objective's
+    exploratory: Literal["holm", "bonferroni", "bh", "none"] = "bh"     # every other metric
 
 
 # Default start-up trials of Optuna's model-based samplers (random draws before the model).
@@ -663,14 +675,14 @@ class CompareSpec(BaseModel):
     """A budget-fair comparison of arms (loss + tricks + fixed values) over held-out seeds."""
 
     model_config = _STRICT
-    name: str
-    targets: list[TargetSpec] = Field(min_length=1)
-    train: TrainSection = Field(default_factory=TrainSection)
-    model: ModelSection = Field(default_factory=ModelSection)
-    search: dict[str, Distribution] = Field(default_factory=dict)
-    arms: dict[str, ArmSection] = Field(min_length=1)
-    baseline: str
-    mode: Literal["tune", "fixed"] = "tune"
+    name: str                              # the comparison's name: its studies and report
+    targets: list[TargetSpec] = Field(min_length=1)  # each arm runs on each target
+    train: TrainSection = Field(default_factory=TrainSection)  # trainer values of every arm
+    model: ModelSection = Field(default_factory=ModelSection)  # network values of every arm
+    search: dict[str, Distribution] = Field(default_factory=dict)  # what each arm tunes
+    arms: dict[str, ArmSection] = Field(min_length=1)  # arm name → what it fixes
+    baseline: str                          # the arm the others are tested against
+    mode: Literal["tune", "fixed"] = "tune"  # tune every arm, or train the fixed values
     # Tuning per arm and target, the same for every arm: trials (an int) or compute.
     budget: Budget = Field(default_factory=lambda: Budget(trials=8))
     # Retrains of each arm's best config on held-out seeds. 10 lets a consistent difference
@@ -679,28 +691,28 @@ class CompareSpec(BaseModel):
     # The evaluation sample (reference points, generator noise, projections) of held-out
     # runs: not the one the tuning chose the best configuration on.
     heldout_eval_seed: int = 4321
-    objective: Objective = Field(default_factory=lambda: Objective(metric="w1"))
+    objective: Objective = Field(default_factory=lambda: Objective(metric="w1"))  # tuned, tested
     # Each arm and target samples with its own seed, derived from sampler.seed.
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)  # how tuning trials stop early
     # Trials of an arm asked together, trained side by side and told before the next are
     # asked; default: 1 (a sequential search; the arms run side by side instead), or as many
     # trials as fill a population. What an arm tries depends on this, never on the number
     # of workers.
     tuning_batch: int | None = Field(None, gt=0)
-    storage: str | None = None
-    tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)
-    workers: int | None = Field(None, gt=0)
+    storage: str | None = None             # sqlite:/// or postgresql:// (default: journals)
+    tracking: TrackingSpec | Literal[False] = Field(default_factory=TrackingSpec)  # MLflow
+    workers: int | None = Field(None, gt=0)  # default: one per GPU, or per CPU core
     # Of the tuning trials; held-out runs are populations anyway, compiled if compile is set.
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
-    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
+    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)  # database storages
     # Independent tunings of every arm on every target, each with its own sampler seed and
     # its own held-out seeds: the unit the tests compare when there are two or more.
     tuning_replicates: int = Field(1, ge=1, le=100)
     # The tests, as [arm, reference arm] pairs; default: every arm against the baseline, a
     # matched (from:) arm against its source.
-    contrasts: list[tuple[str, str]] | None = None
-    correction: Correction = Field(default_factory=Correction)
+    contrasts: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = None
+    correction: Correction = Field(default_factory=Correction)  # of each family of tests
 
     def arm_study(self, target: TargetSpec, arm: str, replicate: int = 0) -> StudySpec:
         """The Optuna study that tunes one arm on one target in one tuning replicate (the

@@ -73,6 +73,33 @@ def resolve_uri(spec_uri: str | None) -> str:
     return uri
 
 
+# MLflow 3's UI opens an experiment in the view its browser last used (GenAI by default,
+# kept in local storage as ``mlflow.workflowType``) unless the URL names one: this query
+# parameter opens the runs table, in any browser.
+UI_RUNS = "#/experiments/{id}/runs?workflowType=machine_learning"
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+
+
+def runs_url(uri: str, experiment: str) -> tuple[str, str | None] | None:
+    """Where experiment ``experiment``'s runs open in MLflow's UI, and the command that
+    serves a local store there (None for a server); None if the experiment does not
+    exist."""
+    from ganbench.errors import split_credentials
+
+    try:
+        exp = _client(uri).get_experiment_by_name(experiment)
+    except Exception:  # the link is a convenience: never fail a finished run over it
+        return None
+    if exp is None:
+        return None
+    path = UI_RUNS.format(id=exp.experiment_id)
+    if uri.startswith(("http://", "https://")):
+        _, password, rest = split_credentials(uri)  # a link never carries a password
+        base = uri if password is None else f"{uri.split('://', 1)[0]}://{rest}"
+        return f"{base.rstrip('/')}/{path}", None
+    return f"{UI_DEFAULT}/{path}", f"mlflow ui --backend-store-uri {uri}"
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """An HTTP tracking server must answer its health endpoint (through ``requests``, the
     client MLflow uses: user info in the URI, or MLFLOW_TRACKING_USERNAME / PASSWORD, are

@@ -27,6 +27,7 @@ LAYERS = [
     ("train",),                                         # one GAN, trained
     ("population",),                                    # K GANs, trained as one program
     ("spec",),                                          # study and comparison files
+    ("schema",),                                        # their JSON Schemas
     ("optuna_adapter",),                                # Optuna beyond its public API
     ("accounting",),                                    # what counts, budgets, recovery
     ("study",),                                         # storage, sampler, pruner, journal
@@ -45,7 +46,7 @@ LAYERS = [
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 OPTUNA_FROM = LAYER["optuna_adapter"]
 # Plain data: no torch.
-NO_TORCH = {"errors", "files", "signals", "provenance", "report", "spec", "config",
+NO_TORCH = {"errors", "files", "signals", "provenance", "report", "spec", "config", "schema",
             "optuna_adapter", "accounting", "supervisor"}
 
 
