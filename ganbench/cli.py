@@ -215,25 +215,33 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def _finished_lines(trials, seen: set[int], total: int) -> None:
-    """One line per trial of ``trials`` finished since the last call: number, state,
-    objective, duration (for logs, where a progress bar shows nothing until the end)."""
+def _finished_lines(trials, seen: set[int], spec) -> None:
+    """One line per trial of ``trials`` finished since the last call: number, state, the
+    metric its value is (a pruned trial's is the last value pruning saw, named so),
+    duration (for logs, where a progress bar shows nothing until the end)."""
     from ganbench.accounting import count_trials
+    from ganbench.metrics import pruning_metric
 
+    names = [o.metric for o in spec.objectives]
     for t in trials:
         if t.number in seen or not t.state.is_finished():
             continue
         seen.add(t.number)
         took = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else 0.0
-        what = ", ".join(f"{v:.4g}" for v in t.values) if t.values else \
-            t.user_attrs.get("fail_reason", "")
+        if t.state.name == "COMPLETE" and t.values:
+            what = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, t.values))
+        elif t.state.name == "PRUNED" and t.values:
+            step = max(t.intermediate_values, default="?")
+            what = f"at step {step}: last {pruning_metric(names[0])} {t.values[0]:.4g}"
+        else:
+            what = t.user_attrs.get("fail_reason", "")
         console.print(f"trial {t.number} {t.state.name} {what} ({took:.1f} s) · "
-                      f"{count_trials(trials)[0]}/{total} counted", highlight=False)
+                      f"{count_trials(trials)[0]}/{spec.trials} counted", highlight=False)
 
 
-def _status_line(snap) -> str:
-    best = f"best {snap.best[0]:.4g}" if snap.best else "best –"
+def _status_line(snap, metric: str) -> str:
+    best = f"best {metric} {snap.best[0]:.4g}" if snap.best else "best –"
     running = ", ".join(f"#{t.number}@{t.user_attrs.get('device', '?')}" for t in snap.running)
     return f"{best}  running: {running or '–'}"
 
@@ -276,9 +284,10 @@ def sweep_cmd(
         task = progress.add_task("trials", total=spec.trials, info="")
 
         def on_poll(snap) -> None:
-            progress.update(task, completed=min(snap.done, snap.total), info=_status_line(snap))
+            progress.update(task, completed=min(snap.done, snap.total),
+                            info=_status_line(snap, spec.objectives[0].metric))
             if not console.is_terminal:  # a log file: one line per finished trial instead
-                _finished_lines(snap.trials, seen, spec.trials)
+                _finished_lines(snap.trials, seen, spec)
 
         try:
             run_sweep(plan, on_poll, lambda line: console.print(line, highlight=False))
@@ -786,7 +795,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except GanbenchError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print("\n".join(f"error: {line}" for line in str(exc).split("\n")),
+              file=sys.stderr)  # one line per problem (a spec file may have several)
         if argv is None and not debug and "multiprocessing.synchronize" not in sys.modules:
             # From the command line, a user error found before any worker pool (whose
             # semaphores want a clean exit) ends the process at once: unloading torch and

@@ -99,10 +99,16 @@ class GanbenchError(Exception):
 class SpecError(GanbenchError):
     """A study file is invalid; the message names the file and the field path."""
 
-    def __init__(self, path: str, field: str, message: str) -> None:
-        where = f"{path}: {field}" if field else path
-        super().__init__(f"{where}: {message}", field)
+    def __init__(self, path: str, field: str, message: str,
+                 more: "list[tuple[str, str]] | None" = None) -> None:
+        problems = [(field, message), *(more or [])]
+        # One line per problem (each cut and redacted as any error line is).
+        Exception.__init__(self, "\n".join(one_line(redact(f"{path}: {f}: {m}" if f else
+                                                          f"{path}: {m}"))
+                                            for f, m in problems))
+        self.field = field
         self.path, self.message = path, one_line(redact(message))
+        self.problems = problems  # every error of the file, one per line
 
 
 class NoStudy(GanbenchError):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import typing
@@ -345,11 +346,106 @@ def _dotted(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
 
 
-def _pydantic_message(err: dict) -> str:
+def _pydantic_message(err: dict, model: type[BaseModel] | None = None) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        valid = _keys_at(model.model_json_schema(), err["loc"][:-1]) if model else []
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key; did you mean `{close[0]}`?"
+        return f"unknown key; valid keys: {', '.join(valid)}" if valid else "unknown key"
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
+
+
+def _keys_at(schema: dict, loc: tuple) -> list[str]:
+    """The keys the JSON Schema ``schema`` allows in the mapping at ``loc``."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: dict) -> list[dict]:
+        if "$ref" in node:
+            return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+        if "anyOf" in node:
+            return [n for branch in node["anyOf"] for n in resolve(branch)]
+        return [node]
+
+    nodes = resolve(schema)
+    for part in loc:
+        nxt: list[dict] = []
+        for node in nodes:
+            if isinstance(part, str) and part in defs:  # a union's branch, by model name
+                nxt += resolve(defs[part]) if node.get("properties") is None else [node]
+            elif isinstance(part, str) and part in node.get("properties", {}):
+                nxt += resolve(node["properties"][part])
+            elif isinstance(node.get("additionalProperties"), dict):
+                nxt += resolve(node["additionalProperties"])
+            elif isinstance(part, int) and "items" in node:
+                nxt += resolve(node["items"])
+        nodes = nxt
+    return sorted({k for node in nodes for k in node.get("properties", {})})
+
+
+MAX_PROBLEMS = 20  # lines of one file's errors
+
+
+# How pydantic names the branch of a union in an error's location (not a key of the file).
+_BRANCH = re.compile(r"(int|float|str|bool|none|(list|dict|tuple|set|literal)\[.*\]|"
+                     r"function-.*|is-instance\[.*\])")
+
+
+def _validation_error(path: str, exc: ValidationError, model: type[BaseModel]) -> SpecError:
+    """Every problem pydantic found, one per line, unknown keys with the nearest valid one.
+    A value that fits no branch of a union (``hidden: 0.5`` for ``int | list[int]``) is one
+    problem naming what each branch expected; the branch a mapping did not take
+    (``tracking: {...} | false``) is left out."""
+    defs = set(model.model_json_schema().get("$defs", {}))
+    errors = exc.errors()
+
+    def branchless(loc: tuple) -> tuple:
+        return tuple(p for p in loc if not (isinstance(p, str) and (
+            p in defs or _BRANCH.fullmatch(p))))
+
+    def mapping_branch_taken(e: dict) -> bool:  # a literal's error beside a model's
+        if not any(isinstance(p, str) and p.startswith("literal[") for p in e["loc"]):
+            return False
+        where = branchless(e["loc"])
+        return any(f is not e and branchless(f["loc"])[:len(where)] == where and
+                   any(isinstance(p, str) and p in defs for p in f["loc"]) for f in errors)
+
+    grouped: dict[str, list[str]] = {}
+    for e in errors:
+        if not mapping_branch_taken(e):
+            grouped.setdefault(_dotted(branchless(e["loc"])), []).append(
+                _pydantic_message(e, model))
+    problems = []
+    for field, messages in grouped.items():
+        messages = list(dict.fromkeys(messages))
+        if len(messages) > 1 and all(m.startswith("Input should be ") for m in messages):
+            messages = ["Input should be " + " or ".join(
+                m.removeprefix("Input should be ") for m in messages)]
+        problems += [(field, m) for m in messages]
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS - 1] + [
+            ("", f"and {len(problems) - MAX_PROBLEMS + 1} more problems")]
+    return SpecError(path, *problems[0], more=problems[1:])
+
+
+def _attributed(exc: SpecError, overrides: list[str]) -> SpecError:
+    """``exc`` with each problem that a ``--set`` caused said to come from it (not the
+    file)."""
+    keys = {item.partition("=")[0]: item for item in overrides}
+
+    def source(field: str) -> str:
+        for key, item in keys.items():
+            if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+                shown = item if item.isprintable() else repr(item)
+                return f" (from --set {_short(shown)})"
+        return ""
+
+    problems = [(f, m + source(f)) for f, m in exc.problems]
+    if not any(source(f) for f, _ in exc.problems):
+        return exc
+    return SpecError(exc.path, *problems[0], more=problems[1:])
 
 
 def register_urls(raw: Any) -> None:
@@ -528,8 +624,7 @@ def validate_spec(raw: dict, path: str = "<spec>") -> StudySpec:
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(path, _dotted(err["loc"]), _pydantic_message(err)) from None
+        raise _validation_error(path, exc, StudySpec) from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise SpecError(path, "", f"invalid study: {exc}") from None
     _check_semantics(spec, path)
@@ -547,7 +642,10 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
     if is_compare(raw):
         raise SpecError(str(path), "", "this is a comparison (it has arms and targets); "
                         f"run it with `ganbench compare {path}`")
-    return validate_spec(apply_overrides(raw, overrides or [], str(path)), str(path))
+    try:
+        return validate_spec(apply_overrides(raw, overrides or [], str(path)), str(path))
+    except SpecError as exc:
+        raise _attributed(exc, overrides or []) from None
 
 
 def load_any(path: str | Path, overrides: list[str] | None = None
@@ -801,6 +899,13 @@ class CompareSpec(BaseModel):
 
 def load_compare(path: str | Path, overrides: list[str] | None = None) -> CompareSpec:
     """Read, override and validate a comparison file; every arm × target study is checked."""
+    try:
+        return _load_compare(path, overrides)
+    except SpecError as exc:
+        raise _attributed(exc, overrides or []) from None
+
+
+def _load_compare(path: str | Path, overrides: list[str] | None) -> CompareSpec:
     raw = read_yaml(path)
     p = str(path)
     if not is_compare(raw):
@@ -812,8 +917,7 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     try:
         spec = CompareSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(p, _dotted(err["loc"]), _pydantic_message(err)) from None
+        raise _validation_error(p, exc, CompareSpec) from None
     for arm in spec.arms:  # arm names become study, run and file names
         if not (NAME.fullmatch(arm) and len(arm) <= MAX_NAME):
             raise SpecError(p, f"arms.{_short(arm)!r}", f"an arm name is {NAME_RULE}, at "

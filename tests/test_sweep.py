@@ -180,7 +180,7 @@ def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
     # Piped to a file: one line per finished trial (number, state, objective, duration).
     lines = [line for line in first.stdout.splitlines() if line.startswith("trial ")]
     assert sorted(int(line.split()[1]) for line in lines) == [0, 1, 2, 3]
-    assert all(" COMPLETE " in line and " s) · " in line for line in lines)
+    assert all(" COMPLETE w1 " in line and " s) · " in line for line in lines)  # named
     again = ganbench("sweep", str(spec), "--workers", "2", cwd=in_tmp)
     assert again.returncode == 0 and len(study.get_trials()) == 4  # never starts over
     assert "trial 0 COMPLETE" not in again.stdout  # earlier trials are not logged again
