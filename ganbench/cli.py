@@ -494,6 +494,11 @@ def status_cmd(
     study = open_study(spec, create=False)
     trials = study.get_trials(deepcopy=False)
     done, _ = count_trials(trials)
+    total = spec.trials
+    given = any(item.partition("=")[0] == "trials" for item in sets)
+    runs = study.user_attrs.get("provenance", [])
+    if not given and runs and isinstance(runs[-1].get("spec", {}).get("trials"), int):
+        total = runs[-1]["spec"]["trials"]  # what the last sweep ran to (its --trials)
     console.print(f"storage: {storage_label(spec)}")
     if spec.storage is None:
         from rich.markup import escape
@@ -502,14 +507,21 @@ def status_cmd(
 
         for note in journal_notes(journal_path(spec)):
             console.print(f"[yellow]{escape(note)}[/]")
-    table = Table(title=f"study {spec.name}: {done}/{spec.trials} counted trials")
+    from ganbench.accounting import is_counted
+
+    table = Table(title=f"study {spec.name}: {done}/{total} counted trials")
     table.add_column("state")
     table.add_column("trials", justify="right")
+    table.add_column("counted", justify="right")
     for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
-        n = sum(1 for t in trials if t.state.name == state)
-        if n:
-            table.add_row(state, str(n))
+        of_state = [t for t in trials if t.state.name == state]
+        if of_state:
+            counted = sum(1 for t in of_state if is_counted(t))
+            table.add_row(state, str(len(of_state)), str(counted))
     console.print(table)
+    console.print("counted: COMPLETE, PRUNED, and FAIL by the trial's own fault (a lost "
+                  "worker's, an interrupted or a surplus trial is re-run or dropped)",
+                  highlight=False)
     _leaderboard(spec, study, write=False)
 
 
