@@ -370,9 +370,16 @@ def provenance_html(runs: Sequence[dict[str, Any]], rebuild: str, selected: str 
 
 
 # ---------------------------------------------------------------- comparisons
+ALPHA = 0.05  # the level every family is tested at (as ganbench.compare)
+
+
 def _g(value: float, digits: int = 3) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:.{digits}g}"
+    """A number for a table: '—' when missing, '∞' / '-∞' when infinite."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return f"{value:.{digits}g}"
 
 
 def summary(r: Any, se_only: bool = False) -> str:
@@ -402,6 +409,14 @@ def contrast_text(r: Any) -> tuple[str, str]:
         return str(r.get("test", "not tested")), ""
     if r["shift"] != r["shift"]:  # undefined (inf − inf in both arms)
         text = f"Δ undefined p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}"
+        return text, ""
+    floor = r.get("min_p_adj", 0.0)
+    if floor == floor and floor > ALPHA:
+        # The design cannot reach significance: an interval here would look decisive
+        # without being so; the cell says why instead.
+        text = (f"Δ {_g(r['shift'])} (no interval: too few units, adjusted p ≥ "
+                f"{_g(floor, 2)}) p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}"
+                f"{_few_hq(r, True)}")
         return text, ""
     text = (f"Δ {_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "
             f"p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}")
