@@ -414,9 +414,8 @@ def contrast_text(r: Any) -> tuple[str, str]:
     if floor == floor and floor > ALPHA:
         # The design cannot reach significance: an interval here would look decisive
         # without being so; the cell says why instead.
-        text = (f"Δ {_g(r['shift'])} (no interval: too few units, adjusted p ≥ "
-                f"{_g(floor, 2)}) p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}"
-                f"{_few_hq(r, True)}")
+        text = (f"Δ {_g(r['shift'])} (no CI: adj. p ≥ {_g(floor, 2)} here) "
+                f"p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}")
         return text, ""
     text = (f"Δ {_g(r['shift'])} [{_g(r['shift_low'])}, {_g(r['shift_high'])}] "
             f"p={_g(r['p_value'], 2)} adj={_g(r['p_adj'], 2)}{_few_hq(r, True)}")

@@ -1,5 +1,6 @@
 """Bad input and damaged surroundings: one line, exit 2, nothing half-written."""
 
+import math
 import os
 
 import pytest
@@ -126,3 +127,21 @@ def test_a_sigterm_while_starting_up_is_said_and_exits_143(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip() == "interrupted (SIGTERM)"
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_underpowered_contrast_shows_no_interval_and_infinite_values_read_as_such():
+    """Where the design cannot reach significance (its smallest attainable adjusted p is
+    above 0.05), the cell withholds the interval and says why; infinities are written."""
+    from ganbench.report import contrast_text
+
+    row = {"p_value": 0.33, "p_adj": 0.67, "min_p_adj": 0.67, "shift": -0.54,
+           "shift_low": -math.inf, "shift_high": math.inf, "few_hq": False,
+           "significant": False, "family": "confirmatory"}
+    text, mark = contrast_text(row)
+    assert text.startswith("Δ -0.54 (no CI: adj. p ≥ 0.67 here) p=0.33") and mark == ""
+    assert "[" not in text
+    powered = row | {"min_p_adj": 0.016, "p_value": 0.008, "p_adj": 0.016,
+                     "shift": math.inf, "shift_low": 0.69, "shift_high": math.inf,
+                     "significant": True}
+    text, mark = contrast_text(powered)
+    assert text.startswith("Δ ∞ [0.69, ∞] p=0.008") and mark == "**"
