@@ -20,6 +20,7 @@ from ganbench.errors import GanbenchError
 app = typer.Typer(
     help="Hyperparameter sweeps and benchmarks for GANs on synthetic targets.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags as flags, whole sentences, fast
 )
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -74,7 +75,9 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     return table
 
 
-@app.command("train")
+@app.command(
+    "train", short_help='Train one GAN; write its metrics and a scatter of its samples.',
+    epilog="Example: ganbench train --target grid --steps 3000 --out runs/one")
 def train_cmd(
     target: str = typer.Option("ring", help="Target: ring, grid, spiral, swissroll, mog."),
     target_param: list[str] = typer.Option(
@@ -132,18 +135,21 @@ def train_cmd(
 
 
 # ---------------------------------------------------------------- study commands
-SpecArg = typer.Argument(..., help="Study YAML, e.g. studies/mog.yaml.", show_default=False)
-SetOpt = typer.Option([], "--set", help="Override a field: dotted.key=value (YAML scalar). "
-                      "Repeatable.")
-TrialsOpt = typer.Option(None, "--trials", help="Total counted trials (spec: trials).")
-StorageOpt = typer.Option(None, "--storage", help="sqlite:///… or postgresql://… "
-                          "(default: journal file runs/<name>/optuna.log).")
-TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: "
-                           "sqlite:///mlflow.db).")
+SpecArg = typer.Argument(..., help="Study YAML, e.g. studies/mog.yaml.", show_default=False,
+                         metavar="SPEC")
+SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a field: "
+                      "dotted.key=value (YAML scalar). Repeatable.")
+TrialsOpt = typer.Option(None, "--trials", metavar="N",
+                         help="Total counted trials (spec: trials).")
+StorageOpt = typer.Option(None, "--storage", metavar="URL", help="sqlite:///… or "
+                          "postgresql://… (default: journal file runs/<name>/optuna.log).")
+TrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                           "(default: sqlite:///mlflow.db).")
 
 
-PopulationOpt = typer.Option(None, "--population", help="Train K members (trials × seeds) "
-                             "at once as one batched population (spec: execution).")
+PopulationOpt = typer.Option(None, "--population", metavar="K", help="Train K members "
+                             "(trials × seeds) at once as one batched population (spec: "
+                             "execution).")
 CompileOpt = typer.Option(False, "--compile", help="Compile populations' forwards with "
                           "torch.compile, once per bucket shape; pays only where fusing "
                           "element-wise work matters (spec: execution.compile).")
@@ -250,13 +256,16 @@ def _devices(devices: str | None) -> list[str] | None:
     return devices.split(",") if devices else None
 
 
-@app.command("sweep")
+@app.command(
+    "sweep", short_help='Search hyperparameters: run a study to its total of trials.',
+    epilog="Example: ganbench sweep studies/mog.yaml --trials 8 --workers 2")
 def sweep_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, trials: Optional[int] = TrialsOpt,
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: "
-                                          "one per GPU, or one per CPU core)."),
-    devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices, "
-                                          "e.g. cuda:0,cuda:2 or cpu."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", help="Worker "
+                                          "processes (default: one per GPU, or one per CPU "
+                                          "core)."),
+    devices: Optional[str] = typer.Option(None, "--devices", metavar="LIST", help="Comma-"
+                                          "separated devices, e.g. cuda:0,cuda:2 or cpu."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
     population: Optional[int] = PopulationOpt, compile: bool = CompileOpt,
 ) -> None:
@@ -314,7 +323,9 @@ def _mlflow_link(spec) -> None:
                       highlight=False, soft_wrap=True)
 
 
-@app.command("worker")
+@app.command(
+    "worker", short_help='Join a running study as one more worker (another machine, another GPU).',
+    epilog="Example: ganbench worker studies/mog.yaml --storage postgresql://user@db/ganbench")
 def worker_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, trials: Optional[int] = TrialsOpt,
     device: str = typer.Option("auto", "--device", help="Device of this worker."),
@@ -347,11 +358,15 @@ MAX_SAMPLES = 10**7
 MAX_SAMPLE_VALUES = 2.5e8
 
 
-@app.command("sample")
+@app.command(
+    "sample", short_help='Draw samples from a trained generator.',
+    epilog="Example: ganbench sample studies/mog.yaml --trial 3 --n 5000 --out samples.png")
 def sample_cmd(
-    source: str = typer.Argument(..., help="An MLflow run id, a study file (with --trial) or "
-                                 "a generator checkpoint (.pt).", show_default=False),
-    trial: Optional[int] = typer.Option(None, "--trial", help="Trial number of the study."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="An MLflow run id, a study "
+                                 "file (with --trial) or a generator checkpoint (.pt).",
+                                 show_default=False),
+    trial: Optional[int] = typer.Option(None, "--trial", metavar="N",
+                                        help="Trial number of the study."),
     n: int = typer.Option(1000, "--n", min=1, max=MAX_SAMPLES, help="Samples to draw."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the noise."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the samples: .csv, .npy, "
@@ -476,7 +491,9 @@ def _write_samples(out: Path, x, config) -> None:
                              f"{config.target}: generated (blue) over target (grey)")
 
 
-@app.command("status")
+@app.command(
+    "status", short_help="Show a study's or comparison's progress and best trials.",
+    epilog="Example: ganbench status studies/mog.yaml")
 def status_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
 ) -> None:
@@ -525,7 +542,9 @@ def status_cmd(
     _leaderboard(spec, study, write=False)
 
 
-@app.command("repair")
+@app.command(
+    "repair", short_help='Repair the journal of a study that a crash or a full disk damaged.',
+    epilog="Example: ganbench repair studies/mog.yaml")
 def repair_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt,
 ) -> None:
@@ -575,7 +594,9 @@ def _compare_status(spec) -> None:
     console.print(table)
 
 
-@app.command("report")
+@app.command(
+    "report", short_help='Write the tables and plots of a study or comparison.',
+    epilog="Example: ganbench report studies/mog.yaml --out reports/mog")
 def report_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
@@ -624,9 +645,12 @@ def report_cmd(
         console.print(f"wrote {f}")
 
 
-@app.command("verify")
+@app.command(
+    "verify", short_help='Re-train runs of a committed report and check them bit for bit.',
+    epilog="Example: ganbench verify reports/tricks --runs 2")
 def verify_cmd(
-    report_dir: Path = typer.Argument(..., help="A report folder, e.g. reports/tricks.",
+    report_dir: Path = typer.Argument(..., metavar="REPORT_DIR",
+                                      help="A report folder, e.g. reports/tricks.",
                                       show_default=False),
     runs: int = typer.Option(4, "--runs", min=1, help="Runs to re-train: held-out runs "
                              "spread over arms and seeds, or a study's best trials."),
@@ -661,15 +685,20 @@ def verify_cmd(
                   "bit")
 
 
-@app.command("compare")
+@app.command(
+    "compare", short_help='Compare stability tricks budget-fairly, over tunings and seeds.',
+    epilog="Example: ganbench compare studies/tricks.yaml --quick")
 def compare_cmd(
-    spec_path: Path = typer.Argument(..., help="Comparison YAML, e.g. studies/tricks.yaml.",
+    spec_path: Path = typer.Argument(..., metavar="SPEC",
+                                     help="Comparison YAML, e.g. studies/tricks.yaml.",
                                      show_default=False),
     quick: bool = typer.Option(False, "--quick", help="Smoke-sized run of the same pipeline "
                                "(2 trials per arm, 2 seeds, 200 steps), as <name>-quick."),
     sets: list[str] = SetOpt,
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes."),
-    devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated devices."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N",
+                                          help="Worker processes."),
+    devices: Optional[str] = typer.Option(None, "--devices", metavar="LIST",
+                                          help="Comma-separated devices."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
     compile: bool = CompileOpt,
 ) -> None:
@@ -734,16 +763,16 @@ def compare_cmd(
     _mlflow_link(spec)
 
 
-@app.command("schema")
+@app.command(
+    "schema", short_help='Print the JSON Schema of study or comparison files.',
+    epilog="Example: ganbench schema compare > compare.schema.json")
 def schema_cmd(
-    kind: str = typer.Argument("study", help="study or compare: which file's schema."),
+    kind: str = typer.Argument("study", metavar="[study|compare]",
+                               help="Which file's schema."),
     markdown: bool = typer.Option(False, "--markdown", help="Every field as Markdown "
                                   "tables (the docs' reference) instead of JSON Schema."),
 ) -> None:
-    """Print the JSON Schema of study (or comparison) files, for editors and checks.
-
-    Example: ganbench schema study > study.schema.json
-    """
+    """Print the JSON Schema of study (or comparison) files, for editors and checks."""
     import json
 
     from ganbench.schema import KINDS, field_table, json_schema

@@ -46,3 +46,24 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_help_lists_commands(tmp_path):
     proc = ganbench("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_help_renders_cleanly_with_an_example_per_command():
+    """Every command's help: whole sentences, flags shown as flags, placeholders named for
+    what they take, and an example to copy."""
+    from typer.testing import CliRunner
+
+    from ganbench.cli import app
+
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"]).output
+    commands = ["train", "sweep", "worker", "sample", "status", "repair", "report",
+                "verify", "compare", "schema"]
+    for line in top.split("Commands:")[1].strip().splitlines():
+        if line.startswith("  ") and line.split()[0] in commands:
+            assert not line.rstrip().endswith(("...", "(e.g.")), line  # not cut
+    for command in commands:
+        text = runner.invoke(app, [command, "--help"]).output
+        assert f"Example: ganbench {command}" in text, command
+        for raw in ("<bool>", "<list[str]>", "{spec_path}", "spec_path"):
+            assert raw not in text, (command, raw)
