@@ -81,7 +81,8 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 def train_cmd(
     target: str = typer.Option("ring", help="Target: ring, grid, spiral, swissroll, mog."),
     target_param: list[str] = typer.Option(
-        [], "--target-param", "-p", help="Target parameter KEY=VALUE, e.g. -p modes=25."),
+        [], "--target-param", "-p", metavar="KEY=VALUE",
+        help="Target parameter, e.g. -p modes=25."),
     loss: str = typer.Option("nonsaturating", help="minimax, nonsaturating, wasserstein, "
                              "hinge, lsgan."),
     noise_dim: int = typer.Option(2, help="Dimension of the generator's noise."),
