@@ -361,13 +361,13 @@ MAX_SAMPLE_VALUES = 2.5e8
 
 @app.command(
     "sample", short_help='Draw samples from a trained generator.',
-    epilog="Example: ganbench sample studies/mog.yaml --trial 3 --n 5000 --out samples.png")
+    epilog="Example: ganbench sample studies/mog.yaml --n 5000 --out samples.png")
 def sample_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help="An MLflow run id, a study "
-                                 "file (with --trial) or a generator checkpoint (.pt).",
+                                 "file or a generator checkpoint (.pt).",
                                  show_default=False),
-    trial: Optional[int] = typer.Option(None, "--trial", metavar="N",
-                                        help="Trial number of the study."),
+    trial: Optional[int] = typer.Option(None, "--trial", metavar="N", help="Trial number "
+                                        "of the study (default: its best trial)."),
     n: int = typer.Option(1000, "--n", min=1, max=MAX_SAMPLES, help="Samples to draw."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the noise."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the samples: .csv, .npy, "
@@ -437,14 +437,20 @@ def _generator_file(source: str, trial: int | None, sets: list[str], storage: st
             raise GanbenchError(f"{source}: no such checkpoint file")
         return path
     if path.suffix in (".yaml", ".yml"):
-        if trial is None:
-            raise GanbenchError(f"{source} is a study: name its trial with --trial N")
         from ganbench.spec import load_spec
         from ganbench.study import open_study
 
         spec = load_spec(path, _overrides(sets, storage=storage, tracking__uri=tracking_uri))
         study = open_study(spec, create=False)
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if trial is None:  # the study's best trial, whatever number it drew
+            complete = [t for t in trials.values() if t.state.name == "COMPLETE"]
+            if spec.multi_objective or not complete:
+                raise GanbenchError(f"{source}: name a trial with --trial N (the study has "
+                                    f"{'a Pareto front' if complete else 'no completed trial'}"
+                                    ")")
+            pick = min if spec.directions[0] == "minimize" else max
+            trial = pick(complete, key=lambda t: t.values[0]).number
         if trial not in trials:
             raise GanbenchError(f"study {spec.name} has no trial {trial} (it has "
                                 f"{len(trials)}: 0–{len(trials) - 1})")

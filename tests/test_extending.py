@@ -1,5 +1,5 @@
-"""README's "Extending" recipes, followed as written: each registers a new entry the way the
-recipe says, at run time, and checks that the rest of the package picks it up."""
+"""The "Extending" recipes (docs/extending.md), followed as written: each registers a new
+entry the way the recipe says, at run time, and checks that the rest of the package picks it up."""
 
 import math
 
