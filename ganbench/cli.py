@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 import signal
@@ -77,8 +79,9 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 
 @app.command(
     "train", short_help='Train one GAN; write its metrics and a scatter of its samples.',
-    epilog="Example: ganbench train --target grid --steps 3000 --out runs/one")
+    epilog="Example: ganbench train --target grid --set tricks.r1.gamma=0.1 --out runs/one")
 def train_cmd(
+    ctx: typer.Context,
     target: str = typer.Option("ring", help="Target: ring, grid, spiral, swissroll, mog."),
     target_param: list[str] = typer.Option(
         [], "--target-param", "-p", metavar="KEY=VALUE",
@@ -100,19 +103,35 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("runs/train"), help="Output folder for metrics.json and "
                              "samples.png."),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Any trainer "
+                                   "field (YAML value), tricks included, e.g. --set "
+                                   "lr_schedule=cosine --set tricks.gp.weight=10. Repeatable."),
+    from_spec: Optional[Path] = typer.Option(None, "--from", metavar="SPEC", help="Start "
+                                             "from a study's fixed values (and, with "
+                                             "--trial, that trial's parameters)."),
+    trial: Optional[int] = typer.Option(None, "--trial", metavar="N", help="With --from: "
+                                        "the trial whose parameters to train again."),
 ) -> None:
-    """Train one GAN and write DIR/metrics.json and DIR/samples.png."""
+    """Train one GAN and write DIR/metrics.json and DIR/samples.png.
+
+    Options given on the command line win over --from's values; --set wins over both.
+    """
     from ganbench.files import write_json
     from ganbench.report import save_samples_png
     from ganbench.targets import get_target
-    from ganbench.train import TrainConfig, train
+    from ganbench.train import train
 
-    config = TrainConfig(
-        target=target, target_params=_parse_params(target_param), loss=loss,
-        noise_dim=noise_dim, hidden=_parse_hidden(hidden), depth=depth, activation=activation,
-        optimizer=optimizer, lr_g=lr_g, lr_d=lr_d, d_steps=d_steps, batch_size=batch_size,
-        steps=steps, eval_every=eval_every, seed=seed, device=device,
-    ).validate()
+    given = {"target": target, "target_params": _parse_params(target_param), "loss": loss,
+             "noise_dim": noise_dim, "hidden": _parse_hidden(hidden), "depth": depth,
+             "activation": activation, "optimizer": optimizer, "lr_g": lr_g, "lr_d": lr_d,
+             "d_steps": d_steps, "batch_size": batch_size, "steps": steps,
+             "eval_every": eval_every, "seed": seed, "device": device}
+    if from_spec is not None:  # only what was typed overrides the study's values
+        typed = {"target_params": "target_param"}
+        given = {k: v for k, v in given.items() if ctx.get_parameter_source(
+            typed.get(k, k)).name not in ("DEFAULT", "DEFAULT_MAP")}
+    config = _train_config(given, sets, from_spec, trial)
+    target, loss, seed, steps = config.target, config.loss, config.seed, config.steps
     tgt = get_target(target, **config.target_params)  # bad target params fail before training
     with _progress() as progress:
         task = progress.add_task("training", total=steps, info="")
@@ -133,6 +152,47 @@ def train_cmd(
     save_samples_png(out / "samples.png", result.samples.numpy(), result.reference.numpy(),
                      centers, f"{target} · {loss} · seed {seed} · {result.steps} steps")
     console.print(f"wrote {out / 'metrics.json'} and {out / 'samples.png'}")
+
+
+def _train_config(given: dict, sets: list[str], from_spec: Path | None,
+                  trial: int | None):
+    """The trainer config of ``ganbench train``: a study's fixed values and a trial's
+    parameters (``--from``, ``--trial``), then the options given, then ``--set``."""
+    from ganbench.config import TrainConfig
+    from ganbench.spec import merge_params, parse_yaml
+
+    values: dict = {}
+    if trial is not None and from_spec is None:
+        raise GanbenchError("--trial goes with --from SPEC (the study it belongs to)")
+    if from_spec is not None:
+        from ganbench.spec import load_spec
+
+        spec = load_spec(from_spec)
+        params: dict = {}
+        if trial is not None:
+            from ganbench.study import open_study
+
+            trials = {t.number: t for t in open_study(spec, create=False).get_trials(
+                deepcopy=False)}
+            if trial not in trials or not trials[trial].params:
+                raise GanbenchError(f"study {spec.name} has no trial {trial} with parameters")
+            params = trials[trial].params
+        values = merge_params(spec.fixed(), params)
+    values |= given
+    overrides = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise GanbenchError(f"--set: expected KEY=VALUE, got {item!r}")
+        overrides[key] = parse_yaml(text, f"--set {key}") if text else None
+    values = merge_params(values, overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise GanbenchError(f"--set {unknown[0]}: not a trainer field{hint}")
+    return TrainConfig(**values).validate()
 
 
 # ---------------------------------------------------------------- study commands
