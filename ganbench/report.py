@@ -39,12 +39,15 @@ def plot_samples(
     centers: np.ndarray | None = None, title: str = "",
 ) -> None:
     """Generated samples over the target's evaluation sample (first two coordinates)."""
-    ax.scatter(reference[:, 0], reference[:, 1], s=2, c="#bbbbbb", label="target", rasterized=True)
     finite = np.isfinite(samples).all(axis=1)
     ax.scatter(samples[finite, 0], samples[finite, 1], s=2, c="#1f77b4", alpha=0.6,
                label="generated", rasterized=True)
+    # The target on top, small and dark: under the generated points it would not show.
+    ax.scatter(reference[:, 0], reference[:, 1], s=1.5, c="#333333", alpha=0.5,
+               label="target", rasterized=True, zorder=3)
     if centers is not None:
-        ax.scatter(centers[:, 0], centers[:, 1], marker="x", c="#d62728", s=30, label="modes")
+        ax.scatter(centers[:, 0], centers[:, 1], marker="x", c="#d62728", s=12,
+                   linewidths=0.8, label="modes", zorder=4)
     lo = np.minimum(reference[:, :2].min(0), samples[finite, :2].min(0, initial=np.inf))
     hi = np.maximum(reference[:, :2].max(0), samples[finite, :2].max(0, initial=-np.inf))
     pad = 0.15 * (reference[:, :2].max(0) - reference[:, :2].min(0)) + 1e-3
@@ -85,12 +88,32 @@ def save_samples_grid(
     _save(fig, path)
 
 
-def _save(fig: "plt.Figure", path: str | os.PathLike) -> None:
+def _tidy(fig: Any) -> bool:
+    """Readable axes on Optuna's plots: log axes label their decades only (minor labels
+    ran together), and a colour bar gets a column of its own beside the panels (laid out
+    tightly, it overlapped the last one). True when the figure was laid out here."""
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_minor_formatter(NullFormatter())
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    if not bars:
+        return False
+    fig.subplots_adjust(left=0.06, right=0.88, bottom=0.14, top=0.86, wspace=0.35)
+    for i, cax in enumerate(bars):
+        cax.set_position([0.91 + 0.04 * i, 0.14, 0.012, 0.72])
+    return True
+
+
+def _save(fig: "plt.Figure", path: str | os.PathLike, laid_out: bool = False) -> None:
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # colorbar axes cannot be laid out tightly
-        fig.tight_layout()
+    if not laid_out:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # colorbar axes cannot be laid out tightly
+            fig.tight_layout()
     try:
         with atomic(path) as tmp:
             fig.savefig(tmp, dpi=110)
@@ -238,7 +261,7 @@ def study_plots(study: Any, objectives: Sequence[tuple[str, str]], params: Seque
             continue
         if filename != "slices.png":
             fig.set_size_inches(8, 5)
-        _save(fig, out / filename)
+        _save(fig, out / filename, laid_out=_tidy(fig))
         written[filename] = caption
     return written
 
@@ -312,7 +335,8 @@ def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
     files = write_leaderboard(frame, out)
     plots = study_plots(study, objectives, params, out)
     if best_samples_grid(study, frame, out):
-        plots["samples.png"] = "Generated (blue) over target (grey) samples of the best trials"
+        plots["samples.png"] = "Generated samples (blue) and the target's (dark grey, on top) "\
+            "of the best trials"
     counts = frame["state"].value_counts().to_dict()
     summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
     label = ", ".join(f"{m} ({'lower' if d == 'minimize' else 'higher'} is better)"

@@ -140,3 +140,44 @@ def test_user_strings_are_escaped_in_html_reports(tmp_path):
     assert "<script" not in page and "&lt;script&gt;" in page
     page = html_page(attack, attack, [(attack, "<p>ok</p>")])
     assert "<script" not in page and page.count("&lt;script&gt;") == 4  # title twice
+
+
+def test_slice_plots_keep_their_colour_bar_beside_the_panels_and_label_decades_only():
+    """Optuna's slice plot, laid out tightly, put its colour bar over the last panel and
+    ran the minor labels of log axes together."""
+    import random
+    import warnings
+
+    import matplotlib
+    import optuna
+    import optuna.visualization.matplotlib as ov
+    from matplotlib.ticker import NullFormatter
+
+    from ganbench.report import _figure, _tidy
+
+    dists = {"lr_g": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
+             "lr_d": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
+             "hidden": optuna.distributions.CategoricalDistribution([64, 128, 256])}
+    study = optuna.create_study()
+    rng = random.Random(0)
+    for _ in range(12):
+        params = {"lr_g": 10 ** rng.uniform(-4, -2.6), "lr_d": 10 ** rng.uniform(-4, -2.6),
+                  "hidden": rng.choice([64, 128, 256])}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
+                                                  value=rng.random()))
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore")
+        fig = _figure(ov.plot_slice(study))
+        fig.tight_layout()  # what every figure got before
+    bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    panels = [ax for ax in fig.axes if ax is not bar]
+
+    def overlapped() -> bool:
+        fig.canvas.draw()
+        return any(bar.get_window_extent().overlaps(ax.get_window_extent()) for ax in panels)
+
+    assert overlapped()
+    assert _tidy(fig) and not overlapped()
+    logs = [ax for ax in panels if ax.get_xscale() == "log"]
+    assert len(logs) == 2
+    assert all(isinstance(ax.xaxis.get_minor_formatter(), NullFormatter) for ax in logs)
