@@ -899,6 +899,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 signum = Interrupted.last or signal.SIGINT  # 143 when it was a SIGTERM
                 print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
                 code = 128 + signum
+                if argv is None:  # stopping already: a late signal must not break the exit
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
             sys.exit(code)
     except GanbenchError as exc:
         if debug:
@@ -918,6 +921,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         cause = exc.__cause__ or exc  # click turns a KeyboardInterrupt into Abort
         print(f"interrupted ({cause})" if str(cause) else "interrupted", file=sys.stderr)
+        if argv is None:  # stopping already: a late signal must not break the exit
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(exit_code(cause))
     except OSError as exc:
         if exc.filename is None or debug:  # not a file the user named or we write: a bug

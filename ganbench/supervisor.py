@@ -121,15 +121,17 @@ class Supervisor:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        self._signals.close()
-        if kind is None:
-            self._end(kill=False)
-            return
-        # A signal, or an error of the caller's: the workers mark their trials and stop
-        # (as on Ctrl-C), then what they left running is recovered.
-        self._stop_workers()
-        if self.on_stop is not None:
-            self.on_stop()
+        # The signal handlers stay until every worker has ended: a second signal while they
+        # stop only asks again, it does not interrupt the stopping.
+        with self._signals:
+            if kind is None:
+                self._end(kill=False)
+                return
+            # A signal, or an error of the caller's: the workers mark their trials and stop
+            # (as on Ctrl-C), then what they left running is recovered.
+            self._stop_workers()
+            if self.on_stop is not None:
+                self.on_stop()
 
     def _forward(self, signum: int) -> None:
         """At once: no worker may start a trial after a stop."""

@@ -71,7 +71,6 @@ def test_bad_sample_requests_are_one_line_and_write_nothing(swept):
         (["0123456789abcdef0123456789abcdef", "--tracking-uri", server.url], "no MLflow run"),
         ([str(spec), "--trial", "99"], "has no trial 99"),
         ([str(spec), "--trial", str(number)], "is PRUNED"),
-        ([str(spec)], "--trial N"),
         ([str(spec), "--trial", "0", "--out", "nowhere/x.csv"], "does not exist"),
         ([str(spec), "--trial", "0", "--out", "x.json"], "expected a .csv, .npy, .png"),
     ]
@@ -82,6 +81,15 @@ def test_bad_sample_requests_are_one_line_and_write_nothing(swept):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
         assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_study_without_trial_samples_its_best_trial(swept):
+    """`ganbench sample SPEC` draws from the study's best trial, whatever number it drew."""
+    folder, spec, study, server = swept
+    best = study.best_trial.number
+    proc = ganbench("sample", str(spec), "--n", "50", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"trial {best} of ")
 
 
 def test_the_best_generator_is_registered_and_loads_from_the_registry(swept):
