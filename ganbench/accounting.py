@@ -114,10 +114,8 @@ def trials_that_fit(spec: "StudySpec", trials: Sequence[FrozenTrial], wanted: in
     room = max(0, min(wanted, spec.trials - done - running))
     if spec.budget is None or room == 0:
         return room
-    unit = spec.budget.unit
-    left = spec.budget.amount - compute_spent(trials, unit) - \
-        compute_reserved(spec, trials, unit)
-    each = planned_compute(spec, None, unit, trials)
+    left = budget_left(spec, trials)
+    each = planned_compute(spec, None, spec.budget.unit, trials)
     fit = room if each <= 0 else int((left + 1e-9) // each)
     return max(0, min(room, fit))
 
@@ -128,11 +126,17 @@ def budget_spent(spec: "StudySpec", trials: Sequence[FrozenTrial], reserve: bool
     is spent and (``reserve``) reserved by running trials?"""
     if spec.budget is None:
         return False
+    left = budget_left(spec, trials, reserve)
+    return left <= 0 or planned_compute(spec, None, spec.budget.unit, trials) > left + 1e-9
+
+
+def budget_left(spec: "StudySpec", trials: Sequence[FrozenTrial], reserve: bool = True
+                ) -> float:
+    """What the study's compute budget still holds: its amount less what counted trials
+    spent and (``reserve``) what running trials may still use."""
     unit = spec.budget.unit
     left = spec.budget.amount - compute_spent(trials, unit)
-    if reserve:
-        left -= compute_reserved(spec, trials, unit)
-    return left <= 0 or planned_compute(spec, None, unit, trials) > left + 1e-9
+    return left - compute_reserved(spec, trials, unit) if reserve else left
 
 
 # ---------------------------------------------------------------- lost trials
