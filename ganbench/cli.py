@@ -204,6 +204,9 @@ TrialsOpt = typer.Option(None, "--trials", metavar="N",
                          help="Total counted trials (spec: trials).")
 StorageOpt = typer.Option(None, "--storage", metavar="URL", help="sqlite:///… or "
                           "postgresql://… (default: journal file runs/<name>/optuna.log).")
+OutOpt = typer.Option(None, "--out", metavar="DIR", help="Report folder (default: "
+                      "runs/<name>/report; the committed results are written with --out "
+                      "reports/<name>).")
 TrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow tracking URI "
                            "(default: sqlite:///mlflow.db).")
 
@@ -247,9 +250,9 @@ def _objective_label(spec) -> str:
                      for o in spec.objectives if o.metric in METRICS)
 
 
-def _leaderboard(spec, study, write: bool, top: int = 10) -> None:
-    """Print the best trials (the Pareto front when multi-objective); with ``write``, also
-    reports/<name>/leaderboard.csv and .md."""
+def _leaderboard(spec, study, write: Path | None, top: int = 10) -> None:
+    """Print the best trials (the Pareto front when multi-objective); with ``write`` (a
+    folder), also its leaderboard.csv and .md."""
     from ganbench.metrics import METRICS
     from ganbench.report import study_frame, write_leaderboard
 
@@ -271,8 +274,8 @@ def _leaderboard(spec, study, write: bool, top: int = 10) -> None:
     for row in shown[cols].itertuples(index=False):
         table.add_row(*[_fmt(v) for v in row])
     console.print(table)
-    if write:
-        files = write_leaderboard(frame, Path("reports") / spec.name)
+    if write is not None:
+        files = write_leaderboard(frame, write)
         console.print(f"wrote {files[0]} and {files[1]}")
 
 
@@ -329,6 +332,7 @@ def sweep_cmd(
                                           "separated devices, e.g. cuda:0,cuda:2 or cpu."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
     population: Optional[int] = PopulationOpt, compile: bool = CompileOpt,
+    out: Optional[Path] = OutOpt,
 ) -> None:
     """Search hyperparameters: run the study to its total of trials, then print the leaderboard.
 
@@ -337,9 +341,11 @@ def sweep_cmd(
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
                  workers=workers, population=population, compile=compile)
     from ganbench.files import check_writable_folder
+    from ganbench.study import report_dir
     from ganbench.sweep import plan_sweep, run_sweep
 
-    check_writable_folder(Path("reports") / spec.name)  # before trials, not after
+    folder = out or report_dir(spec)
+    check_writable_folder(folder)  # before trials, not after
     plan = plan_sweep(spec, _devices(devices))
     how = (f"populations of {spec.execution.size} member(s)"
            if spec.execution.mode == "population" else "one trial at a time")
@@ -363,11 +369,11 @@ def sweep_cmd(
             run_sweep(plan, on_poll, lambda line: console.print(line, highlight=False))
         except KeyboardInterrupt:
             progress.stop()
-            _leaderboard(spec, plan.study, write=True)
+            _leaderboard(spec, plan.study, write=folder)
             console.print("[yellow]interrupted: running trials were marked; rerun the same "
                           "command to continue[/]")
             raise
-    _leaderboard(spec, plan.study, write=True)
+    _leaderboard(spec, plan.study, write=folder)
     _mlflow_link(spec)
 
 
@@ -606,7 +612,7 @@ def status_cmd(
     console.print("counted: COMPLETE, PRUNED, and FAIL by the trial's own fault (a lost "
                   "worker's, an interrupted or a surplus trial is re-run or dropped)",
                   highlight=False)
-    _leaderboard(spec, study, write=False)
+    _leaderboard(spec, study, write=None)
 
 
 @app.command(
@@ -666,22 +672,24 @@ def _compare_status(spec) -> None:
     epilog="Example: ganbench report studies/mog.yaml --out reports/mog")
 def report_cmd(
     spec_path: Path = SpecArg, sets: list[str] = SetOpt, storage: Optional[str] = StorageOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
-                                       "reports/<name>)."),
+    out: Optional[Path] = OutOpt,
     quick: bool = typer.Option(False, "--quick", help="The report of `compare --quick`."),
 ) -> None:
     """Write tables and plots of a study or a comparison from its storage:
-    reports/<name>/index.html. Without the storage (a fresh clone), from the committed
-    reports/<name>/storage.json.gz."""
+    runs/<name>/report/index.html, or --out DIR. Without the storage (a fresh clone), from
+    the export in that folder or the committed reports/<name>/storage.json.gz."""
     from ganbench.spec import CompareSpec, load_any, quick_overrides
 
     spec = load_any(spec_path, (quick_overrides(spec_path) if quick else []) +
                     _overrides(sets, storage=storage))
     from ganbench.files import check_writable_folder
-    from ganbench.study import EXPORT, export_studies, import_studies, stored_storage
+    from ganbench.study import (COMMITTED, EXPORT, export_studies, import_studies,
+                                report_dir, stored_storage)
 
-    check_writable_folder(out or Path("reports") / spec.name)
-    exported = Path("reports") / spec.name / EXPORT
+    folder = out or report_dir(spec)
+    check_writable_folder(folder)
+    exported = next((f for f in (folder / EXPORT, COMMITTED / spec.name / EXPORT)
+                     if f.is_file()), COMMITTED / spec.name / EXPORT)
     source = None  # the spec's own storage
     if stored_storage(spec) is None:
         if not exported.is_file():
@@ -701,11 +709,10 @@ def report_cmd(
         from ganbench.study import open_study
 
         study = open_study(spec, storage=source, create=False)
-        folder = out or Path("reports") / spec.name
         files = write_study_report(
             study, [(o.metric, o.direction) for o in spec.objectives], list(spec.search),
             folder, spec.trials,
-            provenance.report_command(study.user_attrs.get("provenance", [])))
+            provenance.report_command(study.user_attrs.get("provenance", []), out))
         files.append(export_studies([study], folder / EXPORT,
                                     lambda key, value: None if key == "checkpoint" else value))
     for f in files:
@@ -767,7 +774,7 @@ def compare_cmd(
     devices: Optional[str] = typer.Option(None, "--devices", metavar="LIST",
                                           help="Comma-separated devices."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
-    compile: bool = CompileOpt,
+    compile: bool = CompileOpt, out: Optional[Path] = OutOpt,
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget in every
     tuning replicate, retrain each selection on held-out seeds, test the contrasts (every
@@ -782,9 +789,10 @@ def compare_cmd(
         sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile))
     from ganbench import compare
     from ganbench.files import check_writable_folder
+    from ganbench.study import report_dir
     from ganbench.worker import default_devices
 
-    check_writable_folder(Path("reports") / spec.name)  # before training, not after
+    check_writable_folder(out or report_dir(spec))  # before training, not after
 
     device_list = default_devices(spec.workers, _devices(devices))
     n = len(spec.targets) * len(spec.arms) * spec.tuning_replicates
@@ -797,7 +805,7 @@ def compare_cmd(
     batches = -(-(spec.budget.trials or 0) // spec.batch) if spec.mode == "tune" else 0
     step = iter(range(1, (3 + batches) * n + 1))
     result = compare.run(spec, device_list,
-                         lambda msg: console.print(f"[{next(step, '…')}] {msg}"))
+                         lambda msg: console.print(f"[{next(step, '…')}] {msg}"), out)
     units = (f"{spec.tuning_replicates} replicate means" if spec.tuning_replicates > 1
              else f"{spec.eval_seeds} held-out seeds")
     for target, sub in result.table.groupby("target", sort=False):

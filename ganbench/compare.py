@@ -40,7 +40,8 @@ from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
-from ganbench.study import EXPORT, export_studies, get_storage, open_study, run_dir
+from ganbench.study import (EXPORT, export_studies, get_storage, open_study, report_dir,
+                            run_dir)
 from ganbench.supervisor import Supervisor, WorkerDied
 from ganbench.train import save_checkpoint
 from ganbench.trial import kept_locally
@@ -1170,13 +1171,13 @@ def assemble(spec: CompareSpec, results: Sequence[ArmResult]) -> Comparison:
 
 def write_report(comparison: Comparison, out: Path | None = None,
                  studies: Sequence[Any] = ()) -> list[Path]:
-    """Render the comparison into reports/<name>/ (or ``out``), with its provenance and a
+    """Render the comparison into runs/<name>/report/ (or ``out``), with its provenance and a
     compact export of its arms' ``studies`` (what ``ganbench report`` rebuilds it from)."""
     from ganbench.report import write_compare_report
 
     spec = comparison.spec
-    folder = out or Path("reports") / spec.name
-    rebuild = provenance.report_command(comparison.provenance)
+    folder = out or report_dir(spec)
+    rebuild = provenance.report_command(comparison.provenance, out)
     comparison.files = write_compare_report(
         comparison.runs, comparison.table, comparison.arms, spec.baseline,
         comparison.references, comparison.samples, folder,
@@ -1205,9 +1206,10 @@ def _unit_name(target: str, arm: str, replicate: int) -> str:
 
 
 def run(spec: CompareSpec, devices: Sequence[str] | None = None,
-        on_step: Callable[[str], None] | None = None) -> Comparison:
+        on_step: Callable[[str], None] | None = None, out: Path | None = None) -> Comparison:
     """Run a comparison end to end, resumably: check the services, tune and evaluate every
-    arm (logged to MLflow under one parent run), compute the statistics, write the report."""
+    arm (logged to MLflow under one parent run), compute the statistics, write the report
+    (into ``out``, by default runs/<name>/report/)."""
     from ganbench.study import check_spec
 
     first = spec.arm_study(spec.targets[0], spec.baseline)
@@ -1252,7 +1254,7 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
         provenance.record(study, entry)
     comparison = assemble(spec, results)
     comparison.provenance = studies[0].user_attrs.get("provenance", [])  # with its end
-    write_report(comparison, studies=studies)
+    write_report(comparison, out, studies)
     if root is not None:
         root.end()
     return comparison

@@ -142,19 +142,22 @@ def record(study: Any, entry: dict[str, Any]) -> None:
 
 
 # Options of `sweep` and `compare` that change how a study runs, not what it holds: the
-# report command leaves them out (value-taking ones with their value).
+# report command leaves them out (value-taking ones with their value); --out is the
+# report's own, added where it was given.
 _RUN_ONLY = {"--workers": 1, "--devices": 1, "--population": 1, "--compile": 0,
-             "--tracking-uri": 1, "--debug": 0}
+             "--tracking-uri": 1, "--debug": 0, "--out": 1}
 
 
-def report_command(runs: list[dict[str, Any]]) -> str:
+def report_command(runs: list[dict[str, Any]], out: str | os.PathLike | None = None) -> str:
     """The ``ganbench report`` command that rebuilds what the last recorded run made: its
-    spec and the options that define the study (``--trials N`` as ``--set trials=N``)."""
+    spec and the options that define the study (``--trials N`` as ``--set trials=N``), and
+    ``--out`` where the report was written somewhere other than the default folder."""
     command = next((r["command"] for r in reversed(runs) if r.get("command")), None)
     if command is None:
-        return "ganbench report SPEC (with the --set options of the run)"
+        return "ganbench report SPEC (with the --set options of the run)" + (
+            f" --out {out}" if out else "")
     argv = shlex.split(command)[2:]  # after "ganbench <command>"
-    out, i = ["ganbench", "report"], 0
+    words, i = ["ganbench", "report"], 0
     while i < len(argv):
         arg = argv[i]
         name = arg.split("=", 1)[0]
@@ -163,9 +166,9 @@ def report_command(runs: list[dict[str, Any]]) -> str:
             continue
         if name == "--trials":
             value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
-            out += ["--set", f"trials={value}"]
+            words += ["--set", f"trials={value}"]
             i += 1 if "=" in arg else 2
             continue
-        out.append(arg)
+        words.append(arg)
         i += 1
-    return shlex.join(out)
+    return shlex.join(words + (["--out", str(out)] if out else []))

@@ -201,7 +201,7 @@ def to_markdown(frame: "pd.DataFrame", floatfmt: str = ".4g") -> str:
 
 
 def write_leaderboard(frame: "pd.DataFrame", out_dir: str | os.PathLike) -> list[Path]:
-    """reports/<name>/leaderboard.csv and .md, written atomically."""
+    """<folder>/leaderboard.csv and .md, written atomically."""
     out = Path(out_dir)
     atomic_write_text(out / "leaderboard.csv", frame.to_csv(index=False))
     atomic_write_text(out / "leaderboard.md", to_markdown(frame))
@@ -323,7 +323,8 @@ def figure(path: str, caption: str) -> str:
 def write_study_report(study: Any, objectives: Sequence[tuple[str, str]],
                        params: Sequence[str], out_dir: str | os.PathLike,
                        total: int | None = None, rebuild: str = "") -> list[Path]:
-    """reports/<name>/: leaderboard.csv/.md, plots, samples grid, provenance.json (the runs
+    """A study's report folder (runs/<name>/report/ or --out): leaderboard.csv/.md, plots,
+    samples grid, provenance.json (the runs
     recorded in the study) and index.html; ``rebuild`` is the command that remakes it."""
     out = Path(out_dir)
     multi = len(objectives) > 1

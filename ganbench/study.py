@@ -100,6 +100,15 @@ def run_dir(spec: StudySpec) -> Path:
     return Path("runs") / spec.name
 
 
+def report_dir(spec: StudySpec) -> Path:
+    """runs/<name>/report/: where a run's tables and plots go unless told otherwise, so trying
+    the tool never overwrites the committed results in reports/ (written with ``--out``)."""
+    return run_dir(spec) / "report"
+
+
+COMMITTED = Path("reports")  # the shipped studies' committed results: reports/<name>/
+
+
 def journal_path(spec: StudySpec) -> Path:
     """The default storage: a journal file in the study's run folder."""
     return run_dir(spec) / "optuna.log"

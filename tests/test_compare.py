@@ -196,7 +196,7 @@ def test_report_and_status_of_a_comparison_that_never_ran(tmp_path):
 def test_comparison_tables_match_scipy_on_the_stored_values(tmp_path):
     proc = ganbench("compare", str(write(tmp_path)), "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "reports" / "cmp"
+    out = tmp_path / "runs" / "cmp" / "report"
     table = pd.read_csv(out / "compare.csv")
     runs = pd.read_csv(out / "runs.csv")
     assert list(table.columns[:3]) == ["target", "metric", "arm"]
@@ -290,7 +290,7 @@ def test_fixed_mode_skips_tuning(tmp_path):
     proc = ganbench("compare", str(write(tmp_path, mode="fixed", eval_seeds=2)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "tuning (" not in proc.stdout and "No tuning: every arm runs" in proc.stdout
-    runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    runs = pd.read_csv(tmp_path / "runs/cmp/report/runs.csv")
     assert len(runs) == 3 * 2
 
 
@@ -329,7 +329,7 @@ def test_a_top_up_that_changes_the_best_retrains_its_held_out_seeds(tmp_path):
         else:
             assert all(stored[k] == old[arm][k] for k in stored)  # kept as they were
     assert changed >= 1  # the seeded sampler's four trials beat the first on some arm
-    runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    runs = pd.read_csv(tmp_path / "runs/cmp/report/runs.csv")
     assert len(runs) == 3 * 2
 
 
@@ -340,13 +340,13 @@ def test_an_untuned_arm_is_named_and_left_out_of_the_tests(tmp_path):
     proc = ganbench("compare", str(write(tmp_path, arms=arms)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "exploding: untuned (2 failed/pruned): no held-out runs" in proc.stdout
-    table = pd.read_csv(tmp_path / "reports/cmp/compare.csv")
-    runs = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    table = pd.read_csv(tmp_path / "runs/cmp/report/compare.csv")
+    runs = pd.read_csv(tmp_path / "runs/cmp/report/runs.csv")
     assert "exploding" not in set(table["arm"]) and "exploding" not in set(runs["arm"])
     # Holm counts the two tuned arms only.
     w1 = table[(table["metric"] == "w1") & (table["arm"] != "plain")]
     assert len(w1) == 2 and np.allclose(w1["min_p_adj"], 0.2)
-    md = (tmp_path / "reports/cmp/compare.md").read_text()
+    md = (tmp_path / "runs/cmp/report/compare.md").read_text()
     assert "| exploding | untuned (2 failed/pruned): left out of the tests |" in md
 
 
@@ -356,7 +356,7 @@ def test_a_compute_budget_and_population_tuning(tmp_path):
                  execution={"mode": "population", "size": 2})
     proc = ganbench("compare", str(path), "--workers", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    table = pd.read_csv(tmp_path / "reports/cmp/compare.csv")
+    table = pd.read_csv(tmp_path / "runs/cmp/report/compare.csv")
     # 40 G steps per trial, a population of 2 at a time: a budget of 100 holds two trials;
     # a third would overshoot it (120), so it is never asked.
     assert set(table["tune_g_steps"]) == {80} and set(table["tune_trials"]) == {2}
@@ -396,12 +396,12 @@ def test_every_mlflow_run_of_a_comparison_ends(tmp_path, mlflow_server):
     assert len(arms) == 3 and all(r.info.status == "FINISHED" for r in arms)
     # The comparison's run carries its provenance, as its report does.
     (parent,) = [r for r in runs if r.data.tags.get("ganbench.role") == "compare"]
-    made = json.loads((tmp_path / "reports/cmp/provenance.json").read_text())["runs"][-1]
+    made = json.loads((tmp_path / "runs/cmp/report/provenance.json").read_text())["runs"][-1]
     assert parent.data.tags["ganbench.commit"] == made["commit"] is not None
     assert parent.data.tags["ganbench.command"] == f"ganbench compare {path}"
     assert parent.data.tags["ganbench.lib.torch"] == made["libraries"]["torch"]
     assert parent.data.tags["ganbench.workers"] == str(made["workers"])
-    table = pd.read_csv(tmp_path / "reports/cmp/runs.csv")
+    table = pd.read_csv(tmp_path / "runs/cmp/report/runs.csv")
     for run in arms:
         values = table.loc[table["arm"] == run.data.tags["arm"], "w1"]
         assert run.data.metrics["heldout.w1"] == pytest.approx(values.mean())
@@ -447,7 +447,7 @@ REPRODUCED = ["target", "arm", "seed", "w1", "sliced_w1", "modes", "hq", "kl", "
 
 
 def tuning_by_index(folder) -> pd.DataFrame:
-    tuning = pd.read_csv(folder / "reports/cmp/tuning.csv")
+    tuning = pd.read_csv(folder / "runs/cmp/report/tuning.csv")
     return tuning[tuning["counted"]].sort_values(["arm", "index"])[
         ["arm", "index", "state", "objective", "param.lr_g"]].reset_index(drop=True)
 
@@ -490,10 +490,10 @@ def test_tuning_and_results_do_not_depend_on_workers_or_an_interruption(tmp_path
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert not (folder / "reports").exists()  # stopped before the end
+    assert not (folder / "runs/cmp/report").exists()  # stopped before the end
     again = ganbench("compare", "cmp.yaml", "--workers", "2", cwd=folder)
     assert again.returncode == 0, again.stderr
-    runs = {name: pd.read_csv(f / "reports/cmp/runs.csv")[REPRODUCED]
+    runs = {name: pd.read_csv(f / "runs/cmp/report/runs.csv")[REPRODUCED]
             for name, f in folders.items()}
     tuning = {name: tuning_by_index(f) for name, f in folders.items()}
     for name in ("two", "resumed"):
@@ -504,10 +504,10 @@ def test_tuning_and_results_do_not_depend_on_workers_or_an_interruption(tmp_path
     lrs = tuning["one"].groupby("arm")["param.lr_g"].apply(tuple)
     assert all(len(set(lrs[arm])) == 4 for arm in ("plain", "pacgan2"))
     assert not set(lrs["plain"]) & set(lrs["pacgan2"])
-    provenance = json.loads((folders["one"] / "reports/cmp/provenance.json").read_text())
+    provenance = json.loads((folders["one"] / "runs/cmp/report/provenance.json").read_text())
     assert provenance["runs"][-1]["sampler_seeds"] == {
         f"ring/{arm}": derive_seed(0, "ring", arm) for arm in COMPARE["arms"]}
-    resumed = json.loads((folder / "reports/cmp/provenance.json").read_text())["runs"]
+    resumed = json.loads((folder / "runs/cmp/report/provenance.json").read_text())["runs"]
     assert len(resumed) == 2 and "wall_seconds" not in resumed[0]  # the interrupted run
 
 

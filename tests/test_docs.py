@@ -95,3 +95,81 @@ def test_every_link_points_at_a_file(page):
 def test_readme_is_a_front_page():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= MAX_README_LINES
+
+
+# ---------------------------------------------------------------- the tour, run
+# README's tour runs as shown, shrunk only in size so it takes a minute: the study file is
+# made smaller in the clone (fewer trials, shorter training), and options add to commands
+# that do not read it; every command's own options, paths and defaults are the user's.
+SMALLER = {
+    "train": ["--steps", "100", "--eval-every", "50"],
+    "sweep": ["--workers", "1"],
+    "report": [],
+    "sample": [],
+    "compare": ["--set", "train.steps=100", "--set", "train.eval_every=50",
+                "--set", "eval_seeds=2", "--workers", "1"],
+}
+SMALLER_STUDY = "trials: 3\ntrain: {steps: 100, batch_size: 256, eval_every: 50}\n" \
+                "pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 50}\n"
+
+
+def tour() -> list[tuple[str, list[str]]]:
+    """README's tour: each ``$ ganbench …`` command with the files its output says it
+    wrote (lines elided with … are skipped)."""
+    steps: list[tuple[str, list[str]]] = []
+    text = (ROOT / "README.md").read_text().split("## A short tour")[1]
+    for line in code_lines(text):
+        if line.startswith("$ ganbench "):
+            steps.append((line.removeprefix("$ "), []))
+        elif steps and line.startswith("wrote ") and "…" not in line:
+            steps[-1][1].extend(re.split(r",? and |, ", line.removeprefix("wrote ")))
+    return steps
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+@pytest.mark.slow  # a minute of training in subprocesses
+def test_the_readme_tour_runs_and_leaves_the_clone_clean(tmp_path):
+    """Every tour command, then the docs' Python, in a clone-like folder (a git repository
+    with studies/, reports/ and .gitignore committed): each exits 0, writes the files its
+    shown output names, and `git status` is clean after it (what a run writes is ignored,
+    nothing committed is overwritten)."""
+    from tests.conftest import cli_env
+
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("studies", "schemas", "reports", ".gitignore"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    mog = tmp_path / "studies/mog.yaml"
+    kept = [line for line in mog.read_text().splitlines(keepends=True)
+            if not line.startswith(("trials:", "train:", "pruner:"))]
+    mog.write_text("".join(kept) + SMALLER_STUDY)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git[:5] + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "clone"], check=True)
+
+    steps = tour()
+    assert [s.split()[1] for s, _ in steps] == list(SMALLER)
+    for shown, wrote in steps:
+        argv = shlex.split(shown)[1:]
+        proc = subprocess.run([sys.executable, "-m", "ganbench", *argv, *SMALLER[argv[0]]],
+                              cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{shown}: {proc.stderr}"
+        for path in wrote:
+            assert (tmp_path / path).is_file(), f"{shown}: {path} not written"
+            assert path in proc.stdout, f"{shown}: does not say it wrote {path}"
+        status = subprocess.run(git + ["status", "--porcelain"], capture_output=True,
+                                text=True, check=True).stdout
+        assert status == "", f"{shown} changed the clone:\n{status}"
+    for page in PAGES:
+        for block in python_blocks(page):  # after the sweep registered its generator
+            proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=cli_env(),
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, f"{page.name}: {block}\n{proc.stderr}"

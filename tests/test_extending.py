@@ -128,11 +128,11 @@ def test_a_metric_following_the_recipe(monkeypatch, in_tmp, mlflow_server):
                       tracking={"uri": mlflow_server.url})
     assert run_cli("worker", str(path)) == 0
     assert run_cli("report", str(path)) == 0
-    board = pd.read_csv(in_tmp / "reports/toy/leaderboard.csv")
+    board = pd.read_csv(in_tmp / "runs/toy/report/leaderboard.csv")
     assert {"objective_spread", "spread"} <= set(board)
     assert board["objective_spread"].notna().all()
     assert (board["objective_spread"] == board["spread"]).all()
-    assert "objective_spread" in (in_tmp / "reports/toy/index.html").read_text()
+    assert "objective_spread" in (in_tmp / "runs/toy/report/index.html").read_text()
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("toy")
     trials = [r for r in client.search_runs([exp.experiment_id])

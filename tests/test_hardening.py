@@ -41,8 +41,8 @@ def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, co
     spec = write_spec(tmp_path, name="blocked", trials=1)
     if command == "report":
         assert ganbench("sweep", str(spec), cwd=tmp_path).returncode == 0
-    (tmp_path / "reports").mkdir(exist_ok=True)
-    blocker = tmp_path / "reports" / "blocked"
+    (tmp_path / "runs/blocked").mkdir(parents=True, exist_ok=True)
+    blocker = tmp_path / "runs/blocked/report"
     if blocker.exists():
         import shutil
 
@@ -51,8 +51,8 @@ def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, co
     before = _files(tmp_path)
     out = ganbench(command, str(spec), cwd=tmp_path)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip() == "error: reports/blocked: is a file; the report needs a " \
-                                 "folder reports/blocked"
+    assert out.stderr.strip() == "error: runs/blocked/report: is a file; the report needs " \
+                                 "a folder runs/blocked/report"
     assert _files(tmp_path) == before  # no trial ran, nothing was written
 
 

@@ -345,7 +345,7 @@ def test_the_page_says_when_tuning_is_random_search(tmp_path):
 def test_a_matched_arm_retrains_exactly_its_sources_selection(tmp_path):
     proc = ganbench("compare", str(write(tmp_path)), "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "reports" / "proc"
+    out = tmp_path / "runs" / "proc" / "report"
     runs = pd.read_csv(out / "runs.csv")
     tuning = pd.read_csv(out / "tuning.csv")
     assert set(tuning["arm"]) == {"plain", "ema"}  # matched arms do not tune

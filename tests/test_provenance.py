@@ -3,6 +3,7 @@ report and on its page, tagged on MLflow; the report rebuilt from its committed 
 
 import json
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def test_the_rebuild_command_keeps_what_defines_the_study(command, expected):
     assert provenance.report_command([{"command": command}]) == expected
 
 
+def test_the_rebuild_command_names_the_folder_it_was_written_to():
+    runs = [{"command": "ganbench sweep s.yaml --out mine --trials 4"}]
+    assert provenance.report_command(runs) == "ganbench report s.yaml --set trials=4"
+    assert provenance.report_command(runs, "reports/s") == \
+        "ganbench report s.yaml --set trials=4 --out reports/s"
+
+
 @pytest.mark.slow  # spawns processes
 def test_a_sweeps_report_records_its_provenance_and_rebuilds_from_its_export(in_tmp):
     path = write_spec(in_tmp, trials=3)
@@ -50,7 +58,7 @@ def test_a_sweeps_report_records_its_provenance_and_rebuilds_from_its_export(in_
     assert proc.returncode == 0, proc.stderr
     report = ganbench("report", str(path), cwd=in_tmp)
     assert report.returncode == 0, report.stderr
-    out = in_tmp / "reports" / "tiny"
+    out = in_tmp / "runs" / "tiny" / "report"
     made = json.loads((out / "provenance.json").read_text())
     run = made["runs"][-1]
     assert run["command"] == f"ganbench sweep {path} --workers 2"
@@ -61,15 +69,26 @@ def test_a_sweeps_report_records_its_provenance_and_rebuilds_from_its_export(in_
     assert run["spec"]["trials"] == 3 and run["spec"]["search"]["hidden"]["choices"] == [16, 32]
     page = (out / "index.html").read_text()
     assert head() in page and f"ganbench sweep {path} --workers 2" in page
-    # A fresh clone has the report but not runs/: `report` rebuilds it from the export,
-    # byte for byte.
-    committed = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert (out / "storage.json.gz").stat().st_size < 100_000
-    (in_tmp / "runs").rename(in_tmp / "elsewhere")
-    again = ganbench("report", str(path), cwd=in_tmp)
+    # Committed with --out, whose rebuild command names it; a fresh clone has that report
+    # but not runs/: `report` rebuilds it from the export, byte for byte.
+    committed = in_tmp / "reports" / "tiny"
+    made = ganbench("report", str(path), "--out", "reports/tiny", cwd=in_tmp)
+    assert made.returncode == 0, made.stderr
+    assert f"ganbench report {path} --out reports/tiny" in \
+        (committed / "index.html").read_text()
+    kept = {p.name: p.read_bytes() for p in committed.iterdir()}
+    assert (committed / "storage.json.gz").stat().st_size < 100_000
+    shutil.rmtree(in_tmp / "runs")
+    again = ganbench("report", str(path), "--out", "reports/tiny", cwd=in_tmp)
     assert again.returncode == 0, again.stderr
     assert "rebuilding from reports/tiny/storage.json.gz" in again.stdout
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == committed
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == kept
+    # Without --out, the same rebuild goes to runs/, the committed folder untouched.
+    mine = ganbench("report", str(path), cwd=in_tmp)
+    assert mine.returncode == 0, mine.stderr
+    assert (in_tmp / "runs/tiny/report/leaderboard.csv").read_bytes() == \
+        kept["leaderboard.csv"]
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == kept
 
 
 @pytest.mark.slow  # spawns processes
@@ -99,7 +118,7 @@ def test_a_committed_report_is_rebuilt_from_its_export(name, tmp_path):
     subprocess.run(["cp", "-r", str(REPO / "reports" / name), str(tmp_path / "reports")],
                    check=True)
     (tmp_path / "studies").symlink_to(REPO / "studies")
-    argv = shlex.split(provenance.report_command(made["runs"]))[1:]
+    argv = shlex.split(provenance.report_command(made["runs"], f"reports/{name}"))[1:]
     proc = ganbench(*argv, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for table in ("compare.csv", "compare.md", "runs.csv", "tuning.csv", "leaderboard.csv",

@@ -298,7 +298,7 @@ def test_tracking_outage_does_not_stop_training(tmp_path):
                             cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                             timeout=300)
     assert report.returncode == 0, report.stderr
-    assert (tmp_path / "reports/outage/leaderboard.csv").exists()
+    assert (tmp_path / "runs/outage/report/leaderboard.csv").exists()
 
 
 def test_a_journal_lock_left_by_a_killed_worker_is_released(tmp_path):

@@ -83,7 +83,7 @@ def test_a_sweep_and_a_compare_leak_no_password(tmp_path, secured_postgres, mlfl
                       f"run {run.info.run_id} params/tags")
         for path in _artifact_files(client, run.info.run_id, tmp_path / run.info.run_id):
             _assert_clean(path.read_bytes().decode("utf-8", "replace"), f"artifact {path}")
-    for path in (tmp_path / "reports").rglob("*"):
+    for path in (tmp_path / "runs").glob("*/report/**/*"):
         if path.is_file():
             _assert_clean(path.read_bytes().decode("utf-8", "replace"), f"report {path}")
 

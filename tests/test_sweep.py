@@ -171,7 +171,7 @@ def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
     spec = write_spec(in_tmp)
     first = ganbench("sweep", str(spec), "--workers", "2", cwd=in_tmp)
     assert first.returncode == 0, first.stderr
-    assert "best trials" in first.stdout and (in_tmp / "reports/tiny/leaderboard.csv").exists()
+    assert "best trials" in first.stdout and (in_tmp / "runs/tiny/report/leaderboard.csv").exists()
     study = optuna.load_study(study_name="tiny", storage=get_storage(load_spec(spec)))
     assert states(study) == [TrialState.COMPLETE] * 4
     # Two worker processes were started (recorded with the run), and only they ran trials.
@@ -188,7 +188,7 @@ def test_cli_sweep_two_workers_resumes_and_tops_up(in_tmp):
     assert more.returncode == 0, more.stderr
     numbers = [t.number for t in study.get_trials()]
     assert numbers == list(range(7)) and states(study) == [TrialState.COMPLETE] * 7
-    (in_tmp / "reports/tiny/leaderboard.csv").unlink()
+    (in_tmp / "runs/tiny/report/leaderboard.csv").unlink()
     files = sorted(p for p in in_tmp.rglob("*") if p.is_file())
     status = ganbench("status", str(spec), cwd=in_tmp)
     assert status.returncode == 0 and "COMPLETE" in status.stdout

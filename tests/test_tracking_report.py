@@ -69,7 +69,7 @@ def test_report_matches_the_storage_value_for_value(tracked_sweep):
     folder, spec_path, study, _ = tracked_sweep
     proc = ganbench("report", str(spec_path), cwd=folder)
     assert proc.returncode == 0, proc.stderr
-    out = folder / "reports" / "tracked"
+    out = folder / "runs" / "tracked" / "report"
     for name in ("leaderboard.csv", "leaderboard.md", "index.html", "history.png",
                  "parallel.png", "slices.png", "samples.png"):
         assert (out / name).stat().st_size > 0, name
@@ -103,7 +103,7 @@ def test_diverged_trial_is_a_failed_run_with_its_reason(tmp_path, mlflow_server)
                 if r.data.tags.get("ganbench.role") == "trial"]
     assert child.info.status == "FAILED"
     assert child.data.tags["fail_reason"].startswith("seed 0 diverged at step")
-    board = pd.read_csv(tmp_path / "reports/diverging/leaderboard.csv")
+    board = pd.read_csv(tmp_path / "runs/diverging/report/leaderboard.csv")
     assert board.loc[0, "state"] == "FAIL" and "diverged" in board.loc[0, "reason"]
 
 

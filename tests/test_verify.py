@@ -21,7 +21,7 @@ def made(tmp_path_factory):
     write(folder, budget=2, eval_seeds=2)
     proc = ganbench("compare", "cmp.yaml", "--workers", "2", cwd=folder)
     assert proc.returncode == 0, proc.stderr
-    return folder / "reports" / "cmp"
+    return folder / "runs" / "cmp" / "report"
 
 
 def copy(report, tmp_path) -> Path:
