@@ -683,8 +683,14 @@ def report_cmd(
     spec = load_any(spec_path, (quick_overrides(spec_path) if quick else []) +
                     _overrides(sets, storage=storage))
     from ganbench.files import check_writable_folder
-    from ganbench.study import (COMMITTED, EXPORT, export_studies, import_studies,
-                                report_dir, stored_storage)
+    from ganbench.study import (
+        COMMITTED,
+        EXPORT,
+        export_studies,
+        import_studies,
+        report_dir,
+        stored_storage,
+    )
 
     folder = out or report_dir(spec)
     check_writable_folder(folder)

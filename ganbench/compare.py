@@ -40,8 +40,7 @@ from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
-from ganbench.study import (EXPORT, export_studies, get_storage, open_study, report_dir,
-                            run_dir)
+from ganbench.study import EXPORT, export_studies, get_storage, open_study, report_dir, run_dir
 from ganbench.supervisor import Supervisor, WorkerDied
 from ganbench.train import save_checkpoint
 from ganbench.trial import kept_locally

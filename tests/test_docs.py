@@ -136,11 +136,11 @@ def test_the_readme_tour_runs_and_leaves_the_clone_clean(tmp_path):
     with studies/, reports/ and .gitignore committed): each exits 0, writes the files its
     shown output names, and `git status` is clean after it (what a run writes is ignored,
     nothing committed is overwritten)."""
-    from tests.conftest import cli_env
-
     import shutil
     import subprocess
     import sys
+
+    from tests.conftest import cli_env
 
     for name in ("studies", "schemas", "reports", ".gitignore"):
         source = ROOT / name
