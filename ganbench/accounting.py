@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -190,25 +190,35 @@ def fail_trial(study: optuna.Study, trial: Any, kind: str, reason: str) -> None:
 
 def recover_dead_workers(study: optuna.Study,
                          on_lost: Callable[[FrozenTrial, str], None] | None = None,
-                         kind: str = WORKER_DIED) -> list[int]:
-    """Fail and re-queue RUNNING trials whose worker was a process of this host that is gone;
+                         kind: str = WORKER_DIED,
+                         lost: Mapping[str, str] | None = None) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker was a process of this host that is gone,
+    or a cluster worker named in ``lost`` (its ``worker`` name → how it was lost);
     ``on_lost(trial, reason)`` lets the caller close what else the trial had open (its
     MLflow run).
 
-    Local workers are detected directly by pid (no heartbeat grace period to wait out);
-    workers on other machines are left to the storage's heartbeats.
+    Local workers are detected directly by pid, cluster workers by the name their
+    supervisor reports lost (no heartbeat grace period to wait out); other workers on other
+    machines are left to the storage's heartbeats.
     """
     host = socket.gethostname()
+    lost = lost or {}
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w_host, w_pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
-        if w_host == host and isinstance(w_pid, int) and not pid_alive(w_pid):
-            reason = (f"worker died (pid {w_pid} on {host})" if kind == WORKER_DIED
-                      else "interrupted (Ctrl-C)")
-            fail_trial(study, trial, kind, reason)
-            if on_lost is not None:
-                on_lost(trial, reason)
-            recovered.append(trial.number)
+        name = trial.user_attrs.get("worker")
+        if name in lost:  # a cluster worker's process outlives its tasks: its name decides
+            how = lost[name]
+        elif name is None and w_host == host and isinstance(w_pid, int) and \
+                not pid_alive(w_pid):
+            how = f"pid {w_pid} on {host}"
+        else:
+            continue
+        reason = f"worker died ({how})" if kind == WORKER_DIED else "interrupted (Ctrl-C)"
+        fail_trial(study, trial, kind, reason)
+        if on_lost is not None:
+            on_lost(trial, reason)
+        recovered.append(trial.number)
     fail_stale(study)
     return recovered
 

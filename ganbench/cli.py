@@ -214,6 +214,10 @@ TrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow t
 PopulationOpt = typer.Option(None, "--population", metavar="K", help="Train K members "
                              "(trials × seeds) at once as one batched population (spec: "
                              "execution).")
+RayOpt = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the workers as Ray "
+                      "tasks on the cluster at ADDRESS (host:port, ray://…, auto); needs "
+                      "the ray extra, a postgresql:// storage and an http:// MLflow server "
+                      "(spec: execution.backend, execution.address).")
 CompileOpt = typer.Option(False, "--compile", help="Compile populations' forwards with "
                           "torch.compile, once per bucket shape; pays only where fusing "
                           "element-wise work matters (spec: execution.compile).")
@@ -227,6 +231,9 @@ def _overrides(sets: list[str], **shortcuts) -> list[str]:
         out += ["execution.mode=population", f"execution.size={population}"]
     if shortcuts.pop("compile", False):
         out += ["execution.compile=true"]
+    ray = shortcuts.pop("ray", None)
+    if ray is not None:
+        out += ["execution.backend=ray", f"execution.address={ray}"]
     out += [f"{key.replace('__', '.')}={value}" for key, value in shortcuts.items()
             if value is not None]
     return out
@@ -316,6 +323,12 @@ def _status_line(snap, metric: str) -> str:
     return f"{best}  running: {running or '–'}"
 
 
+def _where(spec) -> str:
+    """Where the workers run, when not on this machine."""
+    ex = spec.execution
+    return f" of the Ray cluster at {ex.address or 'auto'}" if ex.backend == "ray" else ""
+
+
 def _devices(devices: str | None) -> list[str] | None:
     return devices.split(",") if devices else None
 
@@ -332,14 +345,14 @@ def sweep_cmd(
                                           "separated devices, e.g. cuda:0,cuda:2 or cpu."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
     population: Optional[int] = PopulationOpt, compile: bool = CompileOpt,
-    out: Optional[Path] = OutOpt,
+    out: Optional[Path] = OutOpt, ray: Optional[str] = RayOpt,
 ) -> None:
     """Search hyperparameters: run the study to its total of trials, then print the leaderboard.
 
     Rerunning continues where it stopped; raising --trials tops up.
     """
     spec = _load(spec_path, sets, trials=trials, storage=storage, tracking__uri=tracking_uri,
-                 workers=workers, population=population, compile=compile)
+                 workers=workers, population=population, compile=compile, ray=ray)
     from ganbench.files import check_writable_folder
     from ganbench.study import report_dir
     from ganbench.sweep import plan_sweep, run_sweep
@@ -354,7 +367,7 @@ def sweep_cmd(
                 " (execution.compile applies to populations: these train eagerly)")
     console.print(f"study [bold]{spec.name}[/] · {spec.target.name} · {_objective_label(spec)} · "
                   f"{spec.trials} trials · {len(plan.devices)} worker(s) on "
-                  f"{', '.join(sorted(set(plan.devices)))} · {how}")
+                  f"{', '.join(sorted(set(plan.devices)))}{_where(spec)} · {how}")
     seen = {t.number for t in plan.study.get_trials(deepcopy=False) if t.state.is_finished()}
     with _progress() as progress:
         task = progress.add_task("trials", total=spec.trials, info="")
@@ -780,7 +793,7 @@ def compare_cmd(
     devices: Optional[str] = typer.Option(None, "--devices", metavar="LIST",
                                           help="Comma-separated devices."),
     storage: Optional[str] = StorageOpt, tracking_uri: Optional[str] = TrackingOpt,
-    compile: bool = CompileOpt, out: Optional[Path] = OutOpt,
+    compile: bool = CompileOpt, out: Optional[Path] = OutOpt, ray: Optional[str] = RayOpt,
 ) -> None:
     """Compare arms (loss + tricks) budget-fairly: tune each with the same budget in every
     tuning replicate, retrain each selection on held-out seeds, test the contrasts (every
@@ -792,7 +805,8 @@ def compare_cmd(
 
     overrides = quick_overrides(spec_path) if quick else []
     spec = load_compare(spec_path, overrides + _overrides(
-        sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile))
+        sets, storage=storage, tracking__uri=tracking_uri, workers=workers, compile=compile,
+        ray=ray))
     from ganbench import compare
     from ganbench.files import check_writable_folder
     from ganbench.study import report_dir
@@ -800,13 +814,19 @@ def compare_cmd(
 
     check_writable_folder(out or report_dir(spec))  # before training, not after
 
-    device_list = default_devices(spec.workers, _devices(devices))
+    if spec.execution.backend == "ray":
+        from ganbench.cluster import cluster_workers
+
+        device_list = cluster_workers(spec, spec.workers, _devices(devices))
+    else:
+        device_list = default_devices(spec.workers, _devices(devices))
     n = len(spec.targets) * len(spec.arms) * spec.tuning_replicates
     console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
                   f"{len(spec.targets)} target(s) · "
                   + ("fixed configurations" if spec.mode == "fixed" else
                      f"tune: budget {spec.budget.label()} per arm")
-                  + f" · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)")
+                  + f" · {spec.eval_seeds} held-out seeds · {len(device_list)} worker(s)"
+                  + _where(spec))
     # Each arm: a line per tuning batch, the tuning's end, held-out runs, their end.
     batches = -(-(spec.budget.trials or 0) // spec.batch) if spec.mode == "tune" else 0
     step = iter(range(1, (3 + batches) * n + 1))

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import threading
@@ -36,12 +35,13 @@ from ganbench.accounting import (
     recover_dead_workers,
     trials_that_fit,
 )
+from ganbench.cluster import cluster_workers, open_supervisor
 from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
 from ganbench.spec import CompareSpec, StudySpec, TargetSpec, logged
 from ganbench.study import EXPORT, export_studies, get_storage, open_study, report_dir, run_dir
-from ganbench.supervisor import Supervisor, WorkerDied
+from ganbench.supervisor import WorkerDied
 from ganbench.train import save_checkpoint
 from ganbench.trial import kept_locally
 
@@ -224,7 +224,7 @@ def _tune(job: TuneJob) -> int:
     from ganbench import optuna_adapter as oa
     from ganbench.accounting import Heartbeat, fail_trial
     from ganbench.signals import stop_on_signals
-    from ganbench.trial import run_population, run_trial
+    from ganbench.trial import run_population, run_trial, worker_identity
 
     worker.set_threads(job.device, job.threads)
     spec = StudySpec.model_validate_json(job.spec_json)
@@ -235,8 +235,9 @@ def _tune(job: TuneJob) -> int:
 
         tracker = Tracker.attach(job.tracking)
     trials = [oa.live_trial(study, number) for number in job.trials]
-    for trial in trials:  # a dead worker's trials are recovered by its pid
-        trial.set_user_attr("pid", os.getpid())
+    for trial in trials:  # a dead worker's trials are recovered by its pid (or name)
+        for key, value in worker_identity().items():
+            trial.set_user_attr(key, value)
     stop = threading.Event()
     try:
         with stop_on_signals(stop), Heartbeat(study).beating(*trials):
@@ -333,10 +334,16 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
 
     def recover(kind: str) -> None:
         for a in arms:
-            recover_dead_workers(a.study, a.tracker.end_lost if a.tracker else None, kind=kind)
+            recover_dead_workers(a.study, a.tracker.end_lost if a.tracker else None, kind=kind,
+                                 lost=lost)
 
+    ex = spec.execution
+    sup = open_supervisor(ex.backend, ex.address, devices, cpus=ex.cpus)
+    sup.on_stop = lambda: recover(INTERRUPTED)
+    lost = getattr(sup, "lost", None)  # cluster workers lost, by name
+    cpus = ex.cpus if ex.backend == "ray" else None
     try:
-        with Supervisor(devices, on_stop=lambda: recover(INTERRUPTED)) as workers:
+        with sup as workers:
             while not all(a.phase == "done" for a in arms):
                 if not died:  # after a death: only the jobs in flight are awaited
                     for a in arms:
@@ -347,7 +354,7 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
                         if not ready:
                             break
                         a, fn, job = ready.pop(0)
-                        workers.submit(i, fn, _on_device(job, devices[i], devices), a)
+                        workers.submit(i, fn, _on_device(job, devices[i], devices, cpus), a)
                 if not workers.busy():
                     if died:
                         break
@@ -376,9 +383,10 @@ def run_arms(spec: CompareSpec, devices: Sequence[str],
     return [a.result for a in arms]
 
 
-def _on_device(job: Any, device: str, devices: Sequence[str]) -> Any:
-    """A job placed on ``device``, its CPU threads the cores shared out among the workers."""
-    threads = worker.population_threads(list(devices).count("cpu"))
+def _on_device(job: Any, device: str, devices: Sequence[str], cpus: int | None = None) -> Any:
+    """A job placed on ``device``, its CPU threads the cores shared out among the workers
+    (``cpus``: a cluster worker's reserved CPUs)."""
+    threads = cpus or worker.population_threads(list(devices).count("cpu"))
     if isinstance(job, TuneJob):  # one trial at a time: one thread (processes beat threads)
         return dataclasses.replace(job, device=device, threads=threads if job.population
                                    else 1)
@@ -1215,7 +1223,10 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     check_spec(first, spec.name)
     for target, r, arm in units(spec):  # a changed definition is refused before any start
         _open_arm(spec, target, arm, replicate=r)
-    device_list = worker.default_devices(spec.workers, devices)
+    if spec.execution.backend == "ray":
+        device_list = cluster_workers(spec, spec.workers, devices)
+    else:
+        device_list = worker.default_devices(spec.workers, devices)
     root = None
     if spec.tracking is not False:
         from ganbench.tracking import Tracker, check_reachable, resolve_uri

@@ -145,7 +145,7 @@ def record(study: Any, entry: dict[str, Any]) -> None:
 # report command leaves them out (value-taking ones with their value); --out is the
 # report's own, added where it was given.
 _RUN_ONLY = {"--workers": 1, "--devices": 1, "--population": 1, "--compile": 0,
-             "--tracking-uri": 1, "--debug": 0, "--out": 1}
+             "--tracking-uri": 1, "--debug": 0, "--out": 1, "--ray": 1}
 
 
 def report_command(runs: list[dict[str, Any]], out: str | os.PathLike | None = None) -> str:

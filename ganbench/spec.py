@@ -223,6 +223,18 @@ class ExecutionSpec(BaseModel):
     # Compile each bucket's forwards (torch.compile), at seconds to tens of seconds per bucket
     # shape; it fuses element-wise work only. Results equal to rounding.
     compile: bool = False
+    # Where workers run: processes of this machine, or Ray tasks on a cluster (the
+    # ``ray`` extra; the storage must be a database every node reaches, MLflow a server).
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = None   # Ray: the cluster's address (host:port, ray://…, auto)
+    cpus: int = Field(1, gt=0)   # Ray: CPU cores each population worker reserves (its lanes)
+
+    @model_validator(mode="after")
+    def _address_for_ray(self) -> "ExecutionSpec":
+        if self.address is not None and self.backend != "ray":
+            raise ValueError("address is for backend: ray (add backend: ray, or --ray "
+                             "ADDRESS)")
+        return self
 
 
 class HeartbeatSpec(BaseModel):

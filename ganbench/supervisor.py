@@ -38,11 +38,13 @@ STOP_PATIENCE = 30.0  # seconds all workers together get to stop after a signal
 class WorkerDied(GanbenchError):
     """A worker process ended without finishing its job."""
 
-    def __init__(self, device: str, exitcode: int | None) -> None:
-        how = f"killed by {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0 \
-            else f"exit code {exitcode}"
+    def __init__(self, device: str, exitcode: int | None = None, how: str | None = None
+                 ) -> None:
+        how = how or (f"killed by {signal.Signals(-exitcode).name}"
+                      if exitcode and exitcode < 0 else f"exit code {exitcode}")
         super().__init__(f"a worker on {device} died ({how})")
         self.exitcode = exitcode
+        self.how = how
 
 
 @dataclass
@@ -89,6 +91,8 @@ class Supervisor:
     """Worker processes, one per entry of ``devices``, fed jobs by ``submit`` and reaped by
     ``wait``. Use as a context manager; ``on_stop`` runs after a signal's stop, once every
     worker has ended (to recover their trials)."""
+
+    replaces_dead = False  # a dead worker's process is gone: its slot takes no more jobs
 
     def __init__(self, devices: Sequence[str],
                  on_stop: Callable[[], None] | None = None) -> None:

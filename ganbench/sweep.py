@@ -14,11 +14,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ganbench.accounting import INTERRUPTED, budget_spent, count_trials, recover_dead_workers
+from ganbench.cluster import cluster_workers, open_supervisor
 from ganbench.errors import GanbenchError
 from ganbench.registry import register_best
 from ganbench.spec import StudySpec, logged
 from ganbench.study import open_study
-from ganbench.supervisor import Supervisor
+from ganbench.supervisor import WorkerDied
 from ganbench.trial import TrialOutcome
 from ganbench.worker import (
     cpu_threads,
@@ -31,8 +32,8 @@ from ganbench.worker import (
     worker_loop,
 )
 
-
 # ---------------------------------------------------------------- the supervised sweep
+REPLACEMENTS = 3  # new tasks per cluster worker whose task was lost with its node
 @dataclass
 class Snapshot:
     """The study's state as the supervisor last saw it."""
@@ -59,13 +60,18 @@ def snapshot(study: optuna.Study, spec: StudySpec, total: int) -> Snapshot:
 
 def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
               on_poll: Callable[[Snapshot], None] | None = None, poll: float = 1.0,
-              on_lost: Callable[[FrozenTrial, str], None] | None = None) -> Snapshot:
-    """Run the study to ``spec.trials`` counted trials with one worker process per device.
+              on_lost: Callable[[FrozenTrial, str], None] | None = None,
+              on_event: Callable[[str], None] | None = None) -> Snapshot:
+    """Run the study to ``spec.trials`` counted trials with one worker per device: local
+    processes, or Ray tasks on a cluster (``execution.backend``).
 
     Resumable: trials already in the storage count; dead local workers' trials are failed
     and re-queued first. On a signal the supervisor stops the workers (they mark their
-    trials), recovers what was left running and raises ``Interrupted``. A study that ends
-    short of its total (a worker died, or trials run elsewhere) is a GanbenchError.
+    trials), recovers what was left running and raises ``Interrupted``. A worker lost with
+    its Ray node has its trials failed and re-queued at once and its place taken by a new
+    task (up to ``REPLACEMENTS`` per worker); a local worker that dies is not replaced. A
+    study that ends short of its total (a worker died, or trials run elsewhere) is a
+    GanbenchError.
     """
     study = open_study(spec)
     recover_dead_workers(study, on_lost)
@@ -76,22 +82,37 @@ def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
         return snap
     devices = needed_workers(devices, total, snap.done)
     failures: list[str] = []
+    ex = spec.execution
+    workers = open_supervisor(ex.backend, ex.address, devices, cpus=ex.cpus)
+    lost = getattr(workers, "lost", None)  # cluster workers lost, by name
 
     def recover() -> None:  # a worker stopped between asking and training leaves it RUNNING
-        recover_dead_workers(study, on_lost, kind=INTERRUPTED)
+        recover_dead_workers(study, on_lost, kind=INTERRUPTED, lost=lost)
 
-    with Supervisor(devices, on_stop=recover) as workers:
-        for i, job in enumerate(worker_jobs(spec, devices, total, deadline, tracking)):
+    workers.on_stop = recover
+    threads = (ex.cpus if ex.mode == "population" else 1) if ex.backend == "ray" else None
+    jobs = worker_jobs(spec, devices, total, deadline, tracking, threads)
+    replaced = 0
+    with workers:
+        for i, job in enumerate(jobs):
             workers.submit(i, run_worker, job)
         while workers.busy():
             snap = snapshot(study, spec, total)
             if on_poll:
                 on_poll(snap)
             for done in workers.wait(poll):
-                if done.error is not None:
+                if isinstance(done.error, WorkerDied) and workers.replaces_dead and \
+                        replaced < REPLACEMENTS * len(devices):
+                    replaced += 1
+                    lost_now = recover_dead_workers(study, on_lost, lost=lost)
+                    if on_event:
+                        on_event(f"{done.error}: trial(s) {_numbers(lost_now)} failed, not "
+                                 "counted, re-queued; a new worker takes its place")
+                    workers.submit(done.worker, run_worker, jobs[done.worker])
+                elif done.error is not None:
                     failures.append(str(done.error).strip().splitlines()[0]
                                     if str(done.error).strip() else type(done.error).__name__)
-    recover_dead_workers(study, on_lost)  # a dead worker's trial: failed, re-queued
+    recover_dead_workers(study, on_lost, lost=lost)  # a dead worker's trial: re-queued
     snap = snapshot(study, spec, total)
     if on_poll:
         on_poll(snap)
@@ -103,6 +124,10 @@ def supervise(spec: StudySpec, devices: Sequence[str], tracking: Any = None,
         raise GanbenchError(f"the study ended short: {snap.done} of {total} counted, "
                             f"{len(snap.running)} still running elsewhere; rerun to continue")
     return snap
+
+
+def _numbers(numbers: Sequence[int]) -> str:
+    return ", ".join(map(str, numbers)) or "none"
 
 
 # ---------------------------------------------------------------- sweeps as the CLI runs them
@@ -140,13 +165,17 @@ class SweepPlan:
 
 def plan_sweep(spec: StudySpec, devices: Sequence[str] | None = None) -> SweepPlan:
     """Check the devices, open tracking and the study, and size the workers to the trials
-    left (``devices`` by default: one per GPU, or per CPU core)."""
+    left (``devices`` by default: one per GPU, or per CPU core, of this machine or of the
+    Ray cluster)."""
     from ganbench.devices import resolve_device
 
     pop = spec.execution.mode == "population"
-    device_list = default_devices(spec.workers, devices, population=pop)
-    for d in set(device_list):
-        resolve_device(d)
+    if spec.execution.backend == "ray":
+        device_list = cluster_workers(spec, spec.workers, devices)
+    else:
+        device_list = default_devices(spec.workers, devices, population=pop)
+        for d in set(device_list):
+            resolve_device(d)
     study, tracker = open_tracked(spec)
     done, _ = count_trials(study.get_trials(deepcopy=False))
     return SweepPlan(spec, study, tracker, needed_workers(device_list, spec.trials, done))
@@ -174,7 +203,7 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
             recover_dead_workers(plan.study, tracker.end_lost)
             tracker.close_orphans(plan.study)
         snap = supervise(plan.spec, plan.devices, tracker and tracker.handle, on_poll,
-                         on_lost=tracker and tracker.end_lost)
+                         on_lost=tracker and tracker.end_lost, on_event=on_event)
         provenance.record(plan.study, provenance.finished(entry, time.perf_counter() - start))
         if tracker is not None:
             try:

@@ -40,8 +40,18 @@ from ganbench.spec import StudySpec
 from ganbench.study import make_sampler, quiet_warnings, run_dir
 from ganbench.train import TrainResult, save_checkpoint, train
 
-
 # ---------------------------------------------------------------- asking
+# Set by a process that runs trials for a cluster (``ganbench.cluster``): what names this
+# worker beyond host and pid (``worker``, ``node``), recorded on every trial it asks or
+# trains, so that its trials are recovered by name when it is lost with its node.
+WORKER: dict[str, str] = {}
+
+
+def worker_identity() -> dict[str, Any]:
+    """This worker's host, pid and cluster names: recorded on the trials it runs."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), **WORKER}
+
+
 def ask_indexed(study: optuna.Study, spec: StudySpec,
                 trials: Sequence[FrozenTrial] | None = None) -> optuna.Trial:
     """Ask the study's next trial and record its index (``trial_index``), host, pid and,
@@ -52,8 +62,7 @@ def ask_indexed(study: optuna.Study, spec: StudySpec,
     with quiet_warnings():  # "heartbeat outside Study.optimize": ours beats (Heartbeat)
         trial = study.ask()
     index = trial_index(study.get_trials(deepcopy=False), trial.number)
-    for key, value in (("index", index), ("host", socket.gethostname()),
-                       ("pid", os.getpid())):
+    for key, value in {"index": index, **worker_identity()}.items():
         trial.set_user_attr(key, value)  # through the trial: ``sample`` reads its copy
     if oa.has_heartbeat(study):
         oa.record_heartbeat(study, trial)

@@ -240,8 +240,10 @@ def say(line: str) -> None:
 
 
 def worker_jobs(spec: StudySpec, devices: Sequence[str], total: int,
-                deadline: float | None = None, tracking: Any = None) -> list[WorkerJob]:
-    """One job per entry of ``devices``, CPU threads shared out among the CPU workers."""
-    threads = cpu_threads(spec, list(devices).count("cpu"))
+                deadline: float | None = None, tracking: Any = None,
+                threads: int | None = None) -> list[WorkerJob]:
+    """One job per entry of ``devices``, CPU threads shared out among the CPU workers of
+    this machine (or ``threads`` each: a cluster worker's reserved CPUs)."""
+    threads = threads or cpu_threads(spec, list(devices).count("cpu"))
     return [WorkerJob(spec.model_dump_json(), device, total, deadline, tracking, threads)
             for device in devices]

@@ -1,9 +1,12 @@
-"""Real services for tests: a PostgreSQL server and an MLflow tracking server on loopback."""
+"""Real services for tests: a PostgreSQL server, an MLflow tracking server and a Ray cluster,
+on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -126,3 +129,76 @@ class MlflowServer:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
+
+
+class RayCluster:
+    """A real Ray cluster on this machine: a head node (``ray start --head`` on 127.0.0.1)
+    and a second node joining it, one CPU each, their files under ``root``. ``kill_node``
+    SIGKILLs the second node's raylet, as a lost machine; ``stop`` ends this cluster's
+    processes only (``ray stop`` would end every cluster of the machine)."""
+
+    def __init__(self, root: Path, cpus: int = 1) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths are short
+        self.log = root / "ray.log"
+        self.cpus = cpus
+        self.port = free_port()
+        self.node_ports = [free_port(), free_port()]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _ray(self, *args: str) -> None:
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        with open(self.log, "a") as log:
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args, f"--num-cpus={self.cpus}",
+                            "--disable-usage-stats"], check=True, stdout=log,
+                           stderr=subprocess.STDOUT, timeout=180, env=env)
+
+    def start(self) -> "RayCluster":
+        self._ray("--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                  "--include-dashboard=false", f"--temp-dir={self.root}",
+                  f"--node-manager-port={self.node_ports[0]}")
+        self.add_node()
+        return self
+
+    def add_node(self) -> None:
+        """(Re)start the second node."""
+        self._ray(f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                  f"--node-manager-port={self.node_ports[1]}")
+
+    def _pids(self, needle: str) -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if needle in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                        pids.append(int(proc.name))
+                except OSError:
+                    continue
+        return pids
+
+    def _children(self, pids: list[int]) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid in pids:
+                    found.append(int(proc.name))
+        return found
+
+    def _kill(self, pids: list[int]) -> None:
+        for pid in pids + self._children(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def kill_node(self) -> None:
+        """The second node is lost: its raylet and the processes it started, SIGKILLed."""
+        self._kill(self._pids(f"--node_manager_port={self.node_ports[1]}"))
+
+    def stop(self) -> None:
+        self._kill(self._pids(str(self.root)))
+        shutil.rmtree(self.root, ignore_errors=True)

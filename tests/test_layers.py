@@ -4,6 +4,7 @@ Every module of the package sits in one layer, listed bottom to top, and may imp
 depth: imports inside functions count too) only modules of the layers below its own. A new
 module fails ``test_every_module_is_listed`` until it is placed. Libraries stay in theirs:
 MLflow only in tracking, Optuna from the Optuna adapter up, matplotlib only in the report,
+Ray only in the cluster,
 torch never in the plain-data modules.
 """
 
@@ -36,6 +37,7 @@ LAYERS = [
     ("trial",),                                         # one trial: ask, train, tell
     ("worker",),                                        # the worker loop and process
     ("supervisor",),                                    # every multi-process run
+    ("cluster",),                                       # workers as Ray tasks
     ("registry",),                                      # the best generator, registered
     ("sweep",),                                         # a sweep as the CLI runs it
     ("compare",),                                       # comparisons and their statistics
@@ -47,7 +49,7 @@ LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 OPTUNA_FROM = LAYER["optuna_adapter"]
 # Plain data: no torch.
 NO_TORCH = {"errors", "files", "signals", "provenance", "report", "spec", "config", "schema",
-            "optuna_adapter", "accounting", "supervisor"}
+            "optuna_adapter", "accounting", "supervisor", "cluster"}
 
 
 def imports(module: str) -> set[str]:
@@ -96,6 +98,8 @@ def test_libraries_stay_in_their_layer(module):
         assert "mlflow" not in roots, f"{module} imports mlflow (only tracking may)"
     if module != "report":
         assert "matplotlib" not in roots, f"{module} imports matplotlib (only report may)"
+    if module != "cluster":
+        assert "ray" not in roots, f"{module} imports ray (only cluster may)"
     if LAYER[module] < OPTUNA_FROM:
         assert "optuna" not in roots, f"{module} imports optuna, below the Optuna layer"
     if module == "tracking":  # MLflow's module speaks of runs, not of Optuna's trials
