@@ -36,6 +36,7 @@ import ctypes
 import logging
 import math
 import os
+import statistics
 import sys
 import threading
 import time
@@ -718,9 +719,13 @@ def train_population(
 
     Members are grouped into buckets of equal shape; big buckets are cut into shards, and
     every shard takes one generator step per round. On a CPU the shards of a round train
-    side by side on ``lanes`` threads (default: torch's intra-op threads) of one intra-op
-    thread each: small products then keep a core each busy instead of waiting on each
-    other, and small buckets run beside big ones. Everything else — divergence checks,
+    side by side on ``lanes`` threads of one intra-op thread each: small products then keep
+    a core each busy instead of waiting on each other, and small buckets run beside big
+    ones. By default (``lanes=None``) the engine measures, on the host it runs on, whether
+    that beats one lane (the shards one after another on all of torch's intra-op threads)
+    and keeps the faster (``choose_lanes``): it is never slower than one lane by more than
+    its short measurement. The choice changes no number: a member's run is the same bits
+    on any lanes and thread count. Everything else — divergence checks,
     evaluations, callbacks — runs on the calling thread, in member order, so a run does
     not depend on thread timing.
     ``on_eval(member, step, row)`` is called after each of a member's evaluations, exactly
@@ -748,6 +753,7 @@ def train_population(
     for reason, which in reasons.items():  # once per reason, naming the members
         log.warning("%d member(s) (%s) train one at a time through train: %s", len(which),
                     ", ".join(map(str, which)), reason)
+    measure = lanes is None
     lanes = lanes or torch.get_num_threads()
     shards: list[_Bucket] = []
     for group in shard_groups(list(buckets.values()), lanes):
@@ -755,7 +761,7 @@ def train_population(
             shards.append(_Bucket(group, streams, compile))
         except Exception as exc:  # the bucket's program failed: its unfinished members
             _fail_shard(group, exc, start, results)
-    _run_shards(shards, lanes, on_eval, on_step, start, results)
+    _run_shards(shards, lanes, on_eval, on_step, start, results, measure)
     for i in alone:
         results[i] = train(configs[i], None if on_eval is None else
                            (lambda step, row, i=i: on_eval(i, step, row)), on_step)
@@ -841,13 +847,51 @@ def _fail_shard(members: list[_Member], exc: Exception, start: float,
             results[m.index] = _error_result(m, exc, start)
 
 
+PROBE_ROUNDS = 4  # rounds timed in each layout before the engine keeps the faster
+
+
+@dataclass
+class LaneChoice:
+    """What ``choose_lanes`` measured: seconds per round side by side on ``lanes`` lanes
+    and on one lane, and which it kept (None until both are measured)."""
+
+    lanes: int
+    side_by_side: list[float] = field(default_factory=list)
+    one_lane: list[float] = field(default_factory=list)
+    kept: int | None = None
+
+    def next_layout(self) -> int:
+        """The lanes of the next round: the kept ones, or the layout still to be timed
+        (alternating, after a first round of warm-up that is not timed)."""
+        if self.kept is not None:
+            return self.kept
+        return self.lanes if len(self.side_by_side) <= len(self.one_lane) else 1
+
+    def record(self, lanes: int, seconds: float) -> None:
+        (self.side_by_side if lanes > 1 else self.one_lane).append(seconds)
+        if self.kept is None and min(len(self.side_by_side), len(self.one_lane)) >= \
+                PROBE_ROUNDS:
+            fast = statistics.median(self.side_by_side) < statistics.median(self.one_lane)
+            self.kept = self.lanes if fast else 1
+            log.info("lanes: %d side by side %.3g ms/round, one lane %.3g ms/round: kept %d",
+                     self.lanes, 1e3 * statistics.median(self.side_by_side),
+                     1e3 * statistics.median(self.one_lane), self.kept)
+
+
+last_choice: LaneChoice | None = None  # the latest population's, for benchmarks and logs
+
+
 def _run_shards(shards: list[_Bucket], lanes: int, on_eval: PopOnEval | None,
                 on_step: PopOnStep | None, start: float,
-                results: dict[int, TrainResult]) -> None:
+                results: dict[int, TrainResult], measure: bool = False) -> None:
     """Train every shard until each member has finished, stopped or diverged: rounds of
-    one generator step per live shard, then each shard's checks and evaluations."""
+    one generator step per live shard, then each shard's checks and evaluations. With
+    ``measure``, the first rounds time both layouts and the faster is kept."""
+    global last_choice
     cpu = [b for b in shards if b.device.type == "cpu"]
     pool = _lane_pool(lanes) if lanes > 1 and len(cpu) > 1 else None
+    choice = LaneChoice(lanes) if pool is not None and measure else None
+    last_choice = choice
     errors: dict[int, Exception] = {}
 
     def train_lane(lane: list[_Bucket], step: int) -> None:
@@ -861,13 +905,18 @@ def _run_shards(shards: list[_Bucket], lanes: int, on_eval: PopOnEval | None,
         step = 0
         while live := [b for b in shards if b.members]:
             step += 1
-            parallel = [b for b in live if b.device.type == "cpu"] if pool else []
+            layout = lanes if choice is None else choice.next_layout()
+            parallel = [b for b in live if b.device.type == "cpu"] \
+                if pool and layout > 1 else []
+            began = time.perf_counter()
             if len(parallel) > 1:
                 list(pool.map(train_lane, _plan_round(parallel, lanes),
                               [step] * lanes))
             else:
                 parallel = []
             train_lane([b for b in live if b not in parallel], step)
+            if choice is not None and choice.kept is None and step > 1:  # 1: warm-up
+                choice.record(layout, time.perf_counter() - began)
             for b in live:
                 if id(b) in errors:
                     _fail_shard(b.members, errors.pop(id(b)), start, results)

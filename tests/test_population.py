@@ -439,3 +439,42 @@ def test_step_flops_counts_the_data_dimension(target, params):
         counted.append(counter.get_total_flops())
     estimate = step_flops(built_config(config))
     assert estimate == pytest.approx(counted[1] - counted[0], rel=0.15)
+
+
+def test_a_lane_choice_keeps_the_layout_measured_faster():
+    slow_lanes = population.LaneChoice(2)
+    order = []
+    for seconds_2, seconds_1 in [(0.03, 0.02)] * population.PROBE_ROUNDS:
+        for _ in range(2):
+            layout = slow_lanes.next_layout()
+            order.append(layout)
+            slow_lanes.record(layout, seconds_2 if layout == 2 else seconds_1)
+    assert order[:4] == [2, 1, 2, 1]  # alternating, so drift hits both alike
+    assert slow_lanes.kept == 1 and slow_lanes.next_layout() == 1
+    fast_lanes = population.LaneChoice(2)
+    while fast_lanes.kept is None:
+        layout = fast_lanes.next_layout()
+        fast_lanes.record(layout, 0.01 if layout == 2 else 0.02)
+    assert fast_lanes.kept == 2
+
+
+def test_lanes_chosen_by_measurement_change_no_number():
+    """With two intra-op threads the engine times both layouts on this host and keeps one;
+    every member is the same bits as with either layout fixed (and as its `train` run)."""
+    configs = [dataclasses.replace(c, seed=i) for i, c in
+               enumerate([c for c in members(steps=40, eval_every=20) if c.hidden == 32] * 4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chosen = train_population(configs, streams="member")
+        choice = population.last_choice
+        fixed = {n: train_population(configs, streams="member", lanes=n) for n in (1, 2)}
+    finally:
+        torch.set_num_threads(threads)
+    assert choice is not None and choice.kept in (1, 2)
+    assert len(choice.side_by_side) == len(choice.one_lane) == population.PROBE_ROUNDS
+    for runs in fixed.values():
+        for a, b in zip(chosen, runs):
+            assert_same(a, b)
+    for config, result in zip(configs, chosen):
+        assert_same(train(config), result)
