@@ -440,7 +440,7 @@ MAX_SAMPLE_VALUES = 2.5e8
 
 @app.command(
     "sample", short_help='Draw samples from a trained generator.',
-    epilog="Example: ganbench sample studies/mog.yaml --n 5000 --out samples.png")
+    epilog="Example: ganbench sample studies/mog.yaml --n 5000 --out runs/mog/samples.png")
 def sample_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help="An MLflow run id, a study "
                                  "file or a generator checkpoint (.pt).",

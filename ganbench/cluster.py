@@ -102,6 +102,14 @@ def cluster_workers(spec: Any, workers: int | None, devices: Sequence[str] | Non
     return cluster_devices(workers, execution.cpus if execution.mode == "population" else 1)
 
 
+def describe() -> dict[str, Any]:
+    """The cluster a run used, for its provenance: Ray's version, live nodes, CPUs, GPUs."""
+    ray = _ray()
+    resources = ray.cluster_resources()
+    return {"ray": ray.__version__, "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
+
+
 def _serve(fn: Callable[[Any], Any], job: Any) -> Any:
     """A job inside its Ray task: named for recovery, quiet as ganbench's own processes,
     stopped by Ray's cancel (SIGINT) as a local worker is by its supervisor."""

@@ -1239,6 +1239,10 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
         logged(spec), device_list, {_unit_name(t.name, arm, r): spec.arm_sampler(t, arm, r).seed
                                     for t, r, arm in units(spec) if spec.tuned(arm)},
         worker.population_threads(device_list.count("cpu")))
+    if spec.execution.backend == "ray":
+        from ganbench.cluster import describe
+
+        entry["cluster"] = describe()
     studies = [open_study(spec.arm_study(t, arm, r)) for t, r, arm in units(spec)]
     for study in studies:
         provenance.record(study, entry)

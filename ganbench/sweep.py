@@ -191,6 +191,10 @@ def run_sweep(plan: SweepPlan, on_poll: Callable[[Snapshot], None] | None = None
     spec = plan.spec
     entry = provenance.collect(logged(spec), plan.devices, {spec.name: spec.sampler.seed},
                                cpu_threads(spec, plan.devices.count("cpu")))
+    if spec.execution.backend == "ray":
+        from ganbench.cluster import describe
+
+        entry["cluster"] = describe()
     provenance.record(plan.study, entry)
     if tracker is not None:
         tracker.set_tags(provenance.tags(entry))

@@ -42,15 +42,52 @@ def commands() -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("page,line", commands(), ids=lambda v: v[:60])
-def test_every_command_shown_parses(page, line):
-    """The command and every option exist and their values have the right types (the CLI's
-    own parser; nothing runs)."""
+def parse(line: str) -> None:
+    """Parse a ``ganbench …`` line with the CLI's own parser (nothing runs)."""
     group = typer.main.get_command(app)
     name, *rest = shlex.split(line)[1:]
     command = group.get_command(group.make_context("ganbench", [name]), name)
     assert command is not None, f"no command {name!r}"
     command.make_context(name, rest)
+
+
+@pytest.mark.parametrize("page,line", commands(), ids=lambda v: v[:60])
+def test_every_command_shown_parses(page, line):
+    """The command and every option exist and their values have the right types."""
+    parse(line)
+
+
+RECIPES = sorted((ROOT / "docs" / "recipes").glob("*.sbatch"))
+EXAMPLE_VALUES = {"$STUDY": "studies/mog.yaml", "$GANBENCH_STORAGE": "postgresql://u@db/g",
+                  "$MLFLOW_TRACKING_URI": "http://mlflow:5000", "$head_ip": "10.0.0.1",
+                  "$PORT": "6379"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_the_slurm_recipes_parse_and_name_the_right_commands(recipe):
+    """Not run here (no Slurm): bash reads each script, and every ganbench command in it
+    parses with the values a user would export."""
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(recipe)]).returncode == 0
+    text = recipe.read_text()
+    assert text.startswith("#!/usr/bin/env bash") and "Not run here" in text
+    assert "#SBATCH" in text and "set -euo pipefail" in text
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()
+             if not line.lstrip().startswith("#")]
+    shown = []
+    for line in lines:
+        line = line.removeprefix("srun ").strip()
+        if line.startswith("ganbench "):
+            for var, value in EXAMPLE_VALUES.items():
+                line = line.replace(f'"{var}"', value).replace(f"{var}", value)
+            parse(line)
+            shown.append(shlex.split(line)[1])
+    if recipe.name == "slurm-workers.sbatch":
+        assert shown == ["worker"] and "--array=" in text and "--storage" in text
+    else:
+        assert shown == ["sweep", "report"] and "ray start --head" in text
+        assert re.search(r"ganbench sweep .*--ray ", text.replace("\\\n", " "))
 
 
 def yaml_blocks(text: str) -> list[str]:

@@ -69,6 +69,10 @@ def test_a_sweep_runs_to_its_count_on_both_nodes_logged_to_mlflow(
     assert all(r.info.status == "FINISHED" for r in runs)
     board = pd.read_csv(tmp_path / "runs/ray-sweep/report/leaderboard.csv")
     assert len(board) == 6
+    study = optuna.load_study(study_name="ray-sweep", storage=storage_url(postgres))
+    run = study.user_attrs["provenance"][-1]
+    assert run["cluster"]["nodes"] == 2 and run["cluster"]["cpus"] == 2
+    assert run["spec"]["execution"]["backend"] == "ray"
 
 
 def test_a_comparison_runs_to_its_count_on_both_nodes(tmp_path, cluster, postgres,
