@@ -10,10 +10,14 @@ trials × steps) — run for each of ``--seeds`` sampler seeds as
       per core on a local Ray instance (its start counted);
   (d) a plain Optuna script, ``study.optimize(objective, n_jobs=cores)`` around ``train``
       (threads of one process, in-memory storage).
-MLflow is off everywhere (only ganbench would log). Prints, per tool, the wall time and
-trials per minute (medians over seeds), best W1 (median, and the range over seeds), and
-the wall-time ratio to (a); every tool runs once per seed, the tools of a seed one after
-another, so the machine's load is shared out alike.
+MLflow is off everywhere (only ganbench would log). Each tool's TPE draws its own
+configurations, and wide or D-heavy ones take longer to train, so beside the wall time and
+trials per minute the table gives the rate of useful work: the matrix-product FLOPs of
+every trial trained (``population.step_flops`` × steps), per second of wall time — the fair
+speed comparison. Prints, per tool, medians over seeds of wall time, trials per minute and
+GFLOP/s, best W1 (median, and the range over seeds), and the GFLOP/s ratio to (a); every
+tool runs once per seed, the tools of a seed one after another, so the machine's load is
+shared out alike.
 
     python benchmarks/peers.py [--trials 32] [--seeds 3] [--population 16] [--only abcd]
 """
@@ -79,8 +83,17 @@ def w1_of(spec, params: dict) -> float:
     return float(result.metrics["w1"])
 
 
-def run_ganbench(trials: int, seed: int, cores: int, population: int | None) -> float:
-    """(a)/(b): the CLI as a user runs it, in a fresh folder; returns best W1."""
+def work(spec, trials: list[dict]) -> float:
+    """Matrix-product FLOPs of training every one of ``trials`` (their parameters)."""
+    from ganbench.population import step_flops
+
+    return sum(step_flops(c) * c.steps for c in (spec.trial_config(p) for p in trials))
+
+
+def run_ganbench(trials: int, seed: int, cores: int, population: int | None
+                 ) -> tuple[float, list[dict]]:
+    """(a)/(b): the CLI as a user runs it, in a fresh folder; best W1 and every trial's
+    parameters."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -94,10 +107,11 @@ def run_ganbench(trials: int, seed: int, cores: int, population: int | None) -> 
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
         storage = optuna.storages.JournalStorage(
             JournalFileBackend(str(Path(tmp) / "runs" / name / "optuna.log")))
-        return optuna.load_study(study_name=name, storage=storage).best_value
+        study = optuna.load_study(study_name=name, storage=storage)
+        return study.best_value, [t.params for t in study.trials if t.state.is_finished()]
 
 
-def run_ray_tune(trials: int, seed: int, cores: int) -> float:
+def run_ray_tune(trials: int, seed: int, cores: int) -> tuple[float, list[dict]]:
     """(c): Ray Tune's Optuna search over the same space, the same trainer per trial."""
     import ray
     from ray import tune
@@ -119,12 +133,13 @@ def run_ray_tune(trials: int, seed: int, cores: int) -> float:
                                             max_concurrent_trials=cores),
                 run_config=tune.RunConfig(storage_path=tmp, name="peers", verbose=0))
             results = tuner.fit()
-            return float(results.get_best_result("w1", "min").metrics["w1"])
+            return (float(results.get_best_result("w1", "min").metrics["w1"]),
+                    [r.config for r in results])
     finally:
         ray.shutdown()
 
 
-def run_optuna(trials: int, seed: int, cores: int) -> float:
+def run_optuna(trials: int, seed: int, cores: int) -> tuple[float, list[dict]]:
     """(d): the plain script a user writes: optimize with n_jobs threads."""
     import optuna
 
@@ -138,7 +153,7 @@ def run_optuna(trials: int, seed: int, cores: int) -> float:
         return w1_of(spec, params)
 
     study.optimize(objective, n_trials=trials, n_jobs=cores)
-    return study.best_value
+    return study.best_value, [t.params for t in study.trials]
 
 
 def _suggest(trial, name, d):
@@ -166,32 +181,36 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {cores} cores, torch "
           f"{torch.__version__}; {args.trials} trials of {STUDY.name} per tool and seed, "
           f"seeds 0..{args.seeds - 1}", flush=True)
-    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in args.only}
+    rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in args.only}
     for seed in range(args.seeds):
+        spec = spec_for(args.trials, seed)
         for key in args.only:
             start = time.perf_counter()
             if key == "a":
-                best = run_ganbench(args.trials, seed, cores, None)
+                best, trained = run_ganbench(args.trials, seed, cores, None)
             elif key == "b":
-                best = run_ganbench(args.trials, seed, cores, args.population)
+                best, trained = run_ganbench(args.trials, seed, cores, args.population)
             elif key == "c":
-                best = run_ray_tune(args.trials, seed, cores)
+                best, trained = run_ray_tune(args.trials, seed, cores)
             else:
-                best = run_optuna(args.trials, seed, cores)
+                best, trained = run_optuna(args.trials, seed, cores)
             wall = time.perf_counter() - start
-            rows[key].append((wall, best))
-            print(f"seed {seed} · ({key}) {TOOLS[key]}: {wall:.1f} s, best W1 {best:.4f}",
-                  flush=True)
-    base = statistics.median(w for w, _ in rows["a"]) if rows.get("a") else None
-    print("\n| tool | wall (median) | trials/min | best W1, median [range] | wall / (a) |")
-    print("|---|---|---|---|---|")
+            flops = work(spec, trained) / wall
+            rows[key].append((wall, best, flops))
+            print(f"seed {seed} · ({key}) {TOOLS[key]}: {wall:.1f} s, {len(trained)} trials, "
+                  f"{flops / 1e9:.2f} GFLOP/s, best W1 {best:.4f}", flush=True)
+    base = statistics.median(f for _, _, f in rows["a"]) if rows.get("a") else None
+    print("\n| tool | wall | trials/min | GFLOP/s | vs (a) | best W1, median [range] |")
+    print("|---|---|---|---|---|---|")
     for key, runs in rows.items():
-        wall = statistics.median(w for w, _ in runs)
-        bests = [b for _, b in runs]
-        ratio = f"{wall / base:.2f}" if base else "–"
+        wall = statistics.median(w for w, _, _ in runs)
+        rate = statistics.median(args.trials / w * 60 for w, _, _ in runs)
+        flops = statistics.median(f for _, _, f in runs)
+        bests = [b for _, b, _ in runs]
+        ratio = f"{flops / base:.2f}" if base else "–"
         print(f"| ({key}) {TOOLS[key].replace('K', str(args.population))} | {wall:.0f} s | "
-              f"{args.trials / wall * 60:.1f} | {statistics.median(bests):.3f} "
-              f"[{min(bests):.3f}, {max(bests):.3f}] | {ratio} |")
+              f"{rate:.1f} | {flops / 1e9:.2f} | {ratio} | {statistics.median(bests):.3f} "
+              f"[{min(bests):.3f}, {max(bests):.3f}] |")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,18 @@ def test_a_sweep_runs_to_its_count_on_both_nodes_logged_to_mlflow(
     assert run["spec"]["execution"]["backend"] == "ray"
 
 
+def test_populations_run_as_ray_tasks_to_the_exact_count(tmp_path, cluster, postgres):
+    spec = write_spec(tmp_path, name="ray-pop", trials=6, storage=postgres.url)
+    proc = ganbench("sweep", str(spec), "--ray", cluster.address, "--population", "2",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "populations of 2 member(s)" in proc.stdout
+    ts = trials(postgres, "ray-pop")
+    assert len(counted(ts)) == 6 and all(t.user_attrs["execution"] == "population"
+                                         for t in ts)
+    assert all(t.user_attrs["worker"].startswith("ray:") for t in ts)
+
+
 def test_a_comparison_runs_to_its_count_on_both_nodes(tmp_path, cluster, postgres,
                                                       mlflow_server):
     (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(
