@@ -148,18 +148,27 @@ class RayCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    # Ray 2.5x turns token authentication on by itself when ~/.ray/auth_token exists (any
+    # earlier ray.init() writes one), and then a joining node is refused: this test
+    # cluster, its nodes and the commands that use it turn it off explicitly.
+    ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
     def _ray(self, *args: str) -> None:
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, **self.ENV)
         with open(self.log, "a") as log:
             subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args, f"--num-cpus={self.cpus}",
                             "--disable-usage-stats"], check=True, stdout=log,
                            stderr=subprocess.STDOUT, timeout=180, env=env)
 
     def start(self) -> "RayCluster":
-        self._ray("--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                  "--include-dashboard=false", f"--temp-dir={self.root}",
-                  f"--node-manager-port={self.node_ports[0]}")
-        self.add_node()
+        try:
+            self._ray("--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                      "--include-dashboard=false", f"--temp-dir={self.root}",
+                      f"--node-manager-port={self.node_ports[0]}")
+            self.add_node()
+        except BaseException:  # a half-started cluster is stopped, not left running
+            self.stop()
+            raise
         return self
 
     def add_node(self) -> None:

@@ -154,7 +154,7 @@ def tour() -> list[tuple[str, list[str]]]:
     """README's tour: each ``$ ganbench …`` command with the files its output says it
     wrote (lines elided with … are skipped)."""
     steps: list[tuple[str, list[str]]] = []
-    text = (ROOT / "README.md").read_text().split("## A short tour")[1]
+    text = (ROOT / "README.md").read_text().split("## A short tour")[1].split("\n## ")[0]
     for line in code_lines(text):
         if line.startswith("$ ganbench "):
             steps.append((line.removeprefix("$ "), []))

@@ -22,6 +22,12 @@ from tests.test_compare import COMPARE
 pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 pytestmark = pytest.mark.slow
 
+def env() -> dict:
+    from tests.services import RayCluster
+
+    return cli_env() | RayCluster.ENV
+
+
 SLOWER = {"steps": 400, "eval_every": 200, "eval_samples": 256, "batch_size": 64}
 
 
@@ -51,9 +57,10 @@ def test_a_sweep_runs_to_its_count_on_both_nodes_logged_to_mlflow(
         tmp_path, cluster, postgres, mlflow_server):
     spec = write_spec(tmp_path, name="ray-sweep", trials=6, storage=postgres.url,
                       tracking={"uri": mlflow_server.url})
-    proc = ganbench("sweep", str(spec), "--ray", cluster.address, cwd=tmp_path)
+    proc = ganbench("sweep", str(spec), "--ray", cluster.address, cwd=tmp_path, env=env())
     assert proc.returncode == 0, proc.stderr
-    assert "2 worker(s) on cpu of the Ray cluster at " + cluster.address in proc.stdout
+    said = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert "2 worker(s) on cpu of the Ray cluster at " + cluster.address in said
     ts = trials(postgres, "ray-sweep")
     assert len(ts) == 6 and all(t.state == TrialState.COMPLETE for t in ts)
     assert len({t.user_attrs["node"] for t in ts}) == 2  # both nodes trained trials
@@ -78,9 +85,9 @@ def test_a_sweep_runs_to_its_count_on_both_nodes_logged_to_mlflow(
 def test_populations_run_as_ray_tasks_to_the_exact_count(tmp_path, cluster, postgres):
     spec = write_spec(tmp_path, name="ray-pop", trials=6, storage=postgres.url)
     proc = ganbench("sweep", str(spec), "--ray", cluster.address, "--population", "2",
-                    cwd=tmp_path)
+                    cwd=tmp_path, env=env())
     assert proc.returncode == 0, proc.stderr
-    assert "populations of 2 member(s)" in proc.stdout
+    assert "populations of 2 member(s)" in " ".join(proc.stdout.split())
     ts = trials(postgres, "ray-pop")
     assert len(counted(ts)) == 6 and all(t.user_attrs["execution"] == "population"
                                          for t in ts)
@@ -92,7 +99,7 @@ def test_a_comparison_runs_to_its_count_on_both_nodes(tmp_path, cluster, postgre
     (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(
         COMPARE | {"name": "ray-cmp", "storage": postgres.url,
                    "tracking": {"uri": mlflow_server.url}}))
-    proc = ganbench("compare", "cmp.yaml", "--ray", cluster.address, cwd=tmp_path)
+    proc = ganbench("compare", "cmp.yaml", "--ray", cluster.address, cwd=tmp_path, env=env())
     assert proc.returncode == 0, proc.stderr
     runs = pd.read_csv(tmp_path / "runs/ray-cmp/report/runs.csv")
     local = tmp_path / "local"
@@ -119,7 +126,7 @@ def test_a_comparison_runs_to_its_count_on_both_nodes(tmp_path, cluster, postgre
 def test_ctrl_c_stops_the_clusters_tasks_and_a_rerun_ends_exact(tmp_path, cluster, postgres):
     spec = write_spec(tmp_path, name="ray-stop", trials=6, train=SLOWER, storage=postgres.url)
     proc = subprocess.Popen([sys.executable, "-m", "ganbench", "sweep", str(spec), "--ray",
-                             cluster.address], cwd=tmp_path, env=cli_env(),
+                             cluster.address], cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -136,7 +143,7 @@ def test_ctrl_c_stops_the_clusters_tasks_and_a_rerun_ends_exact(tmp_path, cluste
     assert not [t for t in ts if t.state == TrialState.RUNNING]
     stopped = [t for t in ts if t.user_attrs.get("fail_kind") == "interrupted"]
     assert stopped  # marked, not counted, re-queued
-    again = ganbench("sweep", str(spec), "--ray", cluster.address, cwd=tmp_path)
+    again = ganbench("sweep", str(spec), "--ray", cluster.address, cwd=tmp_path, env=env())
     assert again.returncode == 0, again.stderr
     assert len(counted(trials(postgres, "ray-stop"))) == 6
 
@@ -146,7 +153,7 @@ def test_a_node_lost_mid_sweep_loses_nothing_and_counts_nothing_twice(
     spec = write_spec(tmp_path, name="ray-kill", trials=6, train=SLOWER,
                       storage=postgres.url)
     proc = subprocess.Popen([sys.executable, "-m", "ganbench", "sweep", str(spec), "--ray",
-                             cluster.address], cwd=tmp_path, env=cli_env(),
+                             cluster.address], cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     second = None
