@@ -847,7 +847,7 @@ def _fail_shard(members: list[_Member], exc: Exception, start: float,
             results[m.index] = _error_result(m, exc, start)
 
 
-PROBE_ROUNDS = 4  # rounds timed in each layout before the engine keeps the faster
+PROBE_ROUNDS = 8  # rounds timed in each layout before the engine keeps the faster
 
 
 @dataclass
