@@ -138,7 +138,8 @@ class RayCluster:
     processes only (``ray stop`` would end every cluster of the machine)."""
 
     def __init__(self, root: Path, cpus: int = 1) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths are short
+        # Ray's socket paths must stay short: its files go under a short /tmp folder.
+        self.root = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
         self.log = root / "ray.log"
         self.cpus = cpus
         self.port = free_port()
@@ -156,9 +157,9 @@ class RayCluster:
     def _ray(self, *args: str) -> None:
         env = dict(os.environ, **self.ENV)
         with open(self.log, "a") as log:
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args, f"--num-cpus={self.cpus}",
-                            "--disable-usage-stats"], check=True, stdout=log,
-                           stderr=subprocess.STDOUT, timeout=180, env=env)
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args,
+                            f"--num-cpus={self.cpus}", "--disable-usage-stats"], check=True,
+                           stdout=log, stderr=subprocess.STDOUT, timeout=180, env=env)
 
     def start(self) -> "RayCluster":
         try:
