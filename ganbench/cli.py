@@ -810,16 +810,12 @@ def compare_cmd(
     from ganbench import compare
     from ganbench.files import check_writable_folder
     from ganbench.study import report_dir
-    from ganbench.worker import default_devices
 
     check_writable_folder(out or report_dir(spec))  # before training, not after
 
-    if spec.execution.backend == "ray":
-        from ganbench.cluster import cluster_workers
+    from ganbench.cluster import plan_workers
 
-        device_list = cluster_workers(spec, spec.workers, _devices(devices))
-    else:
-        device_list = default_devices(spec.workers, _devices(devices))
+    device_list = plan_workers(spec, _devices(devices))
     n = len(spec.targets) * len(spec.arms) * spec.tuning_replicates
     console.print(f"comparison [bold]{spec.name}[/] · {len(spec.arms)} arms × "
                   f"{len(spec.targets)} target(s) · "

@@ -86,6 +86,17 @@ def cluster_devices(workers: int | None, cpus: int = 1) -> list[str]:
     return [kind] * n
 
 
+def plan_workers(spec: Any, devices: Sequence[str] | None, population: bool = False
+                 ) -> list[str]:
+    """A run's workers: on this machine (one per GPU, or per CPU core; one in all for a
+    population on CPUs), or on the Ray cluster when ``execution.backend`` is ray."""
+    if spec.execution.backend == "ray":
+        return cluster_workers(spec, spec.workers, devices)
+    from ganbench.worker import default_devices
+
+    return default_devices(spec.workers, devices, population=population)
+
+
 def cluster_workers(spec: Any, workers: int | None, devices: Sequence[str] | None
                     ) -> list[str]:
     """A cluster run's workers (``spec``: a study or comparison with backend ray): refuse

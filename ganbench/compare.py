@@ -35,7 +35,7 @@ from ganbench.accounting import (
     recover_dead_workers,
     trials_that_fit,
 )
-from ganbench.cluster import cluster_workers, open_supervisor
+from ganbench.cluster import open_supervisor, plan_workers
 from ganbench.config import TrainConfig
 from ganbench.errors import GanbenchError, NoStudy
 from ganbench.metrics import METRICS
@@ -1223,10 +1223,7 @@ def run(spec: CompareSpec, devices: Sequence[str] | None = None,
     check_spec(first, spec.name)
     for target, r, arm in units(spec):  # a changed definition is refused before any start
         _open_arm(spec, target, arm, replicate=r)
-    if spec.execution.backend == "ray":
-        device_list = cluster_workers(spec, spec.workers, devices)
-    else:
-        device_list = worker.default_devices(spec.workers, devices)
+    device_list = plan_workers(spec, devices)
     root = None
     if spec.tracking is not False:
         from ganbench.tracking import Tracker, check_reachable, resolve_uri

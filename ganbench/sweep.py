@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ganbench.accounting import INTERRUPTED, budget_spent, count_trials, recover_dead_workers
-from ganbench.cluster import cluster_workers, open_supervisor
+from ganbench.cluster import open_supervisor, plan_workers
 from ganbench.errors import GanbenchError
 from ganbench.registry import register_best
 from ganbench.spec import StudySpec, logged
@@ -23,7 +23,6 @@ from ganbench.supervisor import WorkerDied
 from ganbench.trial import TrialOutcome
 from ganbench.worker import (
     cpu_threads,
-    default_devices,
     needed_workers,
     run_worker,
     say,
@@ -34,6 +33,8 @@ from ganbench.worker import (
 
 # ---------------------------------------------------------------- the supervised sweep
 REPLACEMENTS = 3  # new tasks per cluster worker whose task was lost with its node
+
+
 @dataclass
 class Snapshot:
     """The study's state as the supervisor last saw it."""
@@ -169,11 +170,8 @@ def plan_sweep(spec: StudySpec, devices: Sequence[str] | None = None) -> SweepPl
     Ray cluster)."""
     from ganbench.devices import resolve_device
 
-    pop = spec.execution.mode == "population"
-    if spec.execution.backend == "ray":
-        device_list = cluster_workers(spec, spec.workers, devices)
-    else:
-        device_list = default_devices(spec.workers, devices, population=pop)
+    device_list = plan_workers(spec, devices, spec.execution.mode == "population")
+    if spec.execution.backend == "local":
         for d in set(device_list):
             resolve_device(d)
     study, tracker = open_tracked(spec)
