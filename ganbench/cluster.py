@@ -91,17 +91,17 @@ def plan_workers(spec: Any, devices: Sequence[str] | None, population: bool = Fa
     """A run's workers: on this machine (one per GPU, or per CPU core; one in all for a
     population on CPUs), or on the Ray cluster when ``execution.backend`` is ray."""
     if spec.execution.backend == "ray":
-        return cluster_workers(spec, spec.workers, devices)
+        return cluster_workers(spec, devices)
     from ganbench.worker import default_devices
 
     return default_devices(spec.workers, devices, population=population)
 
 
-def cluster_workers(spec: Any, workers: int | None, devices: Sequence[str] | None
-                    ) -> list[str]:
+def cluster_workers(spec: Any, devices: Sequence[str] | None) -> list[str]:
     """A cluster run's workers (``spec``: a study or comparison with backend ray): refuse
     what the nodes cannot share, join the cluster, then one worker per GPU or per
-    ``execution.cpus`` CPUs of it (``workers``, or ``devices`` by kind, say otherwise)."""
+    ``execution.cpus`` CPUs of it (``spec.workers``, or ``devices`` by kind, say
+    otherwise)."""
     from ganbench.tracking import resolve_uri
 
     execution = spec.execution
@@ -110,7 +110,8 @@ def cluster_workers(spec: Any, workers: int | None, devices: Sequence[str] | Non
     connect(execution.address)
     if devices:
         return ["cuda" if d.startswith("cuda") else "cpu" for d in devices]
-    return cluster_devices(workers, execution.cpus if execution.mode == "population" else 1)
+    return cluster_devices(spec.workers,
+                           execution.cpus if execution.mode == "population" else 1)
 
 
 def describe() -> dict[str, Any]:
